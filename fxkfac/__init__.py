@@ -1,0 +1,30 @@
+"""fxkfac: K-FAC for any PyTorch model through a torch.fx graph-transformation compiler.
+
+>>> kmod = fxkfac.compile(model, example_inputs=(x,))
+>>> out, cap = kmod(x)
+>>> factors = cap.factors(loss_func, y, fisher_type="type-2")   # {layer: (A, B)}
+"""
+
+from fxkfac.capture.capture import Capture
+from fxkfac.capture.layer import ConvParams, LayerInfo
+from fxkfac.capture.patterns import register_function_matcher, register_module_matcher
+from fxkfac.compiled import CompiledModule
+from fxkfac.compiler import compile
+from fxkfac.errors import CaptureError, FxKfacError, TraceError, UnsupportedLossError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capture",
+    "CaptureError",
+    "CompiledModule",
+    "ConvParams",
+    "FxKfacError",
+    "LayerInfo",
+    "TraceError",
+    "UnsupportedLossError",
+    "__version__",
+    "compile",
+    "register_function_matcher",
+    "register_module_matcher",
+]

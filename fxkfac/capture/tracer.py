@@ -1,0 +1,139 @@
+"""Trace models into ``torch.fx`` graphs: modules, functional models and traced graphs.
+
+* :func:`trace_module` — an ``nn.Module`` through :class:`KFACTracer`, an ``fx.Tracer``
+  whose leaves are the standard leaves plus the user's ``leaf_modules``. Linear and
+  convolution modules stay leaves so that their calls are matched as module calls.
+* :func:`trace_function` — ``fn(params: dict[str, Tensor], *inputs)``; each parameter
+  becomes a graph placeholder, so the graph is a pure function of parameters and inputs.
+
+A failed trace raises :class:`~fxkfac.errors.TraceError` naming the model line that failed
+and the ways out (leaf modules, concrete arguments, ``tracer="export"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import os
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxkfac.errors import TraceError
+
+PARAM_PLACEHOLDER_META = "fxkfac_param"
+"""``node.meta`` key naming the parameter a functional model's placeholder carries."""
+
+_LIBRARY_DIRS = (
+    os.path.dirname(torch.__file__),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+)
+
+
+class KFACTracer(fx.Tracer):
+    """``fx.Tracer`` that also keeps the user's ``leaf_modules`` (types or names) as leaves."""
+
+    def __init__(self, leaf_modules: Iterable[type[nn.Module] | str] = ()):
+        super().__init__()
+        leaves = tuple(leaf_modules)
+        self.leaf_types = tuple(m for m in leaves if isinstance(m, type))
+        self.leaf_names = {m for m in leaves if isinstance(m, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Standard leaves, plus user leaves given by type or qualified name."""
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _failing_user_frame(exc: BaseException) -> str:
+    """``file:line: code`` of the innermost frame outside torch and fxkfac, if any."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith(_LIBRARY_DIRS):
+            code = frame.line or linecache.getline(frame.filename, frame.lineno).strip()
+            return f"{frame.filename}:{frame.lineno} in {frame.name}: `{code}`"
+    return ""
+
+
+def trace_error(exc: BaseException, what: str) -> TraceError:
+    """Turn a tracing exception into a :class:`TraceError` with location and fixes."""
+    where = _failing_user_frame(exc)
+    location = f" at {where}" if where else ""
+    return TraceError(
+        f"torch.fx could not trace {what}{location}: {type(exc).__name__}: {exc}. "
+        "Fixes: mark the submodule that holds this code as a leaf "
+        "(compile(..., leaf_modules=[MyBlock])) — its Linear/Conv parameters are then "
+        "listed in kmod.uncaptured; fix non-tensor arguments with "
+        "compile(..., concrete_args={'flag': True}); or trace with tracer='export'."
+    )
+
+
+def trace_module(
+    model: nn.Module,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace an ``nn.Module``.
+
+    Args:
+        model: the model.
+        leaf_modules: extra module types or qualified names not to trace into.
+        concrete_args: forward arguments fixed to concrete values while tracing.
+
+    Returns:
+        A ``GraphModule`` sharing the model's parameters.
+    """
+    tracer = KFACTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
+    except Exception as exc:  # fx raises many exception types
+        raise trace_error(exc, type(model).__name__) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def trace_function(
+    fn: Callable[..., Any],
+    params: Mapping[str, torch.Tensor],
+    num_inputs: int,
+) -> fx.GraphModule:
+    """Trace ``fn(params, *inputs)``; parameters become the graph's first placeholders.
+
+    Args:
+        fn: the functional model.
+        params: ``{name: tensor}`` passed as ``fn``'s first argument.
+        num_inputs: how many positional inputs follow ``params``.
+
+    Returns:
+        A ``GraphModule`` whose ``forward(*param_values, *inputs)`` calls ``fn``; each
+        parameter placeholder has ``node.meta["fxkfac_param"]`` set to its name.
+    """
+    tracer = fx.Tracer()
+    tracer.root = nn.Module()
+    tracer.graph = fx.Graph(tracer_cls=fx.Tracer)
+    tracer.tensor_attrs = {}
+    proxies = {}
+    for index, name in enumerate(params):
+        proxy = tracer.create_proxy("placeholder", f"param_{index}", (), {})
+        proxy.node.meta[PARAM_PLACEHOLDER_META] = name
+        proxies[name] = proxy
+    try:
+        signature = inspect.signature(fn)
+        arg_names = [p for p in signature.parameters][1 : 1 + num_inputs]
+    except (TypeError, ValueError):
+        arg_names = []
+    arg_names += [f"input_{i}" for i in range(len(arg_names), num_inputs)]
+    inputs = [tracer.create_proxy("placeholder", name, (), {}) for name in arg_names]
+    try:
+        output = fn(proxies, *inputs)
+        tracer.create_node("output", "output", (tracer.create_arg(output),), {})
+    except Exception as exc:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise trace_error(exc, f"function {name}") from exc
+    return fx.GraphModule(tracer.root, tracer.graph, getattr(fn, "__name__", "functional"))

@@ -1,0 +1,120 @@
+"""The compiled module users hold: ``out, cap = kmod(*inputs)`` plus introspection."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from fxkfac.capture.capture import Capture
+from fxkfac.capture.layer import LayerInfo
+
+
+class CompiledModule(nn.Module):
+    """A model rewritten to return K-FAC captures next to its outputs.
+
+    Attributes:
+        graph_module: the rewritten ``torch.fx.GraphModule`` (``forward`` returns
+            ``(outputs, capture)``); shares parameters with the original model.
+        layers: the captured layers, in graph order.
+        uncaptured: ``{parameter name: reason}`` for parameters K-FAC does not precondition.
+        params: for functional models, the ``{name: tensor}`` dict passed to the function.
+        tracer: which tracer produced the graph (``'fx'``, ``'graph_module'``).
+    """
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        layers: list[LayerInfo],
+        uncaptured: dict[str, str],
+        parameters: Mapping[str, Tensor],
+        functional_params: dict[str, Tensor] | None = None,
+        tracer: str = "fx",
+    ):
+        super().__init__()
+        self.graph_module = graph_module
+        self.layers = list(layers)
+        self.uncaptured = dict(uncaptured)
+        self.params = functional_params
+        self.tracer = tracer
+        self._parameters_by_name = dict(parameters)
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> tuple[Any, Capture]:
+        """Run the model; returns ``(outputs, capture)``."""
+        if self.params is not None:
+            return self.graph_module(*self.params.values(), *inputs, **kwargs)
+        return self.graph_module(*inputs, **kwargs)
+
+    @property
+    def code(self) -> str:
+        """Generated Python source of the rewritten graph."""
+        return self.graph_module.code
+
+    def named_model_parameters(self) -> dict[str, Tensor]:
+        """``{qualified name: parameter}`` with the names ``layers``/``uncaptured`` use."""
+        return dict(self._parameters_by_name)
+
+    def layer(self, name: str) -> LayerInfo:
+        """The :class:`LayerInfo` called ``name``."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no captured layer named {name!r}; layers: {[x.name for x in self.layers]}")
+
+    def summary(self) -> str:
+        """Plain-text table of the captured layers and the uncaptured parameters."""
+        header = ("layer", "kind", "call", "weight shape", "A", "B", "groups", "uses")
+        rows = [header]
+        for layer in self.layers:
+            info = layer.describe()
+            rows.append(
+                (
+                    layer.name,
+                    layer.kind,
+                    layer.call_form,
+                    "x".join(map(str, layer.weight_shape)),
+                    str(info["A"]),
+                    str(info["B"]),
+                    str(info["groups"]),
+                    str(info["uses"]),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        total = sum(
+            layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2)
+            for layer in self.layers
+        )
+        lines.append(f"{len(self.layers)} layers captured, {total:,} factor entries")
+        if self.uncaptured:
+            lines.append(f"{len(self.uncaptured)} parameters not preconditioned by K-FAC:")
+            lines.extend(f"  {name}: {reason}" for name, reason in self.uncaptured.items())
+        else:
+            lines.append("every parameter is preconditioned by K-FAC")
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={len(self.layers)}, uncaptured={len(self.uncaptured)}, tracer={self.tracer!r}"
+        )
+
+
+def parameters_of(
+    gm: nn.Module, functional_params: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """All parameters by canonical name (first name of shared parameters)."""
+    named = dict(gm.named_parameters())
+    if functional_params:
+        named.update(functional_params)
+    return named
+
+
+def requires_grad_params(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The parameters an optimizer updates."""
+    return {
+        name: p for name, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad
+    }

@@ -1,0 +1,109 @@
+"""``fxkfac.compile``: trace, match, verify, rewrite — one entry point for every model form."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from fxkfac.capture.rewrite import insert_captures
+from fxkfac.capture.tracer import trace_function, trace_module
+from fxkfac.capture.verify import find_layers
+from fxkfac.compiled import CompiledModule, parameters_of
+from fxkfac.errors import FxKfacError
+
+TRACERS = ("auto", "fx")
+
+
+def compile(
+    model: nn.Module | Callable[..., Any],
+    *,
+    example_inputs: Sequence[Any] | None = None,
+    params: Mapping[str, Tensor] | None = None,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+    tracer: str = "auto",
+) -> CompiledModule:
+    """Compile a model into a module that returns ``(outputs, capture)``.
+
+    Args:
+        model: an ``nn.Module``, an already traced ``torch.fx.GraphModule``, or a function
+            ``fn(params: dict[str, Tensor], *inputs)``.
+        example_inputs: inputs of one forward pass (a tuple). For functional models they
+            fix the number of inputs (otherwise read from ``fn``'s signature).
+        params: the parameter dict of a functional model (required for functions).
+        leaf_modules: module types or qualified names not to trace into; their
+            parameters are listed in ``kmod.uncaptured``.
+        concrete_args: forward arguments fixed while tracing (``torch.fx`` semantics).
+        tracer: ``'auto'`` or ``'fx'`` (symbolic tracing).
+
+    Returns:
+        A :class:`CompiledModule` sharing the model's parameters.
+
+    Raises:
+        TraceError: the model cannot be traced (names the failing line and the fixes).
+    """
+    if tracer not in TRACERS:
+        raise FxKfacError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}")
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    functional_params = None
+    if isinstance(model, fx.GraphModule):
+        gm, tracer_used = model, "graph_module"
+        if params is not None:
+            raise FxKfacError("params= is only for functional models fn(params, *inputs)")
+    elif isinstance(model, nn.Module):
+        if params is not None:
+            raise FxKfacError(
+                "params= is only for functional models fn(params, *inputs); an nn.Module "
+                "brings its own parameters"
+            )
+        gm, tracer_used = trace_module(model, leaf_modules, concrete_args), "fx"
+    elif callable(model):
+        if params is None:
+            raise FxKfacError(
+                "a functional model needs its parameters: "
+                "fxkfac.compile(fn, params={'w': w, ...}, example_inputs=(x,))"
+            )
+        if not all(isinstance(p, Tensor) for p in params.values()):
+            raise FxKfacError("params must map parameter names to tensors")
+        functional_params = dict(params)
+        gm, tracer_used = (
+            trace_function(model, functional_params, _num_inputs(model, example_inputs)),
+            "fx",
+        )
+    else:
+        raise FxKfacError(
+            f"cannot compile a {type(model).__name__}: pass an nn.Module, a "
+            "torch.fx.GraphModule, or a function fn(params, *inputs) with params="
+        )
+    layers, uncaptured = find_layers(gm, functional_params)
+    if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
+        for name, _ in model.named_parameters():
+            if name not in uncaptured and not any(name in (x.weight, x.bias) for x in layers):
+                uncaptured.setdefault(name, "not used in the traced forward")
+        all_params = dict(model.named_parameters())
+    else:
+        all_params = parameters_of(gm, functional_params)
+    rewritten = insert_captures(gm, layers)
+    return CompiledModule(rewritten, layers, uncaptured, all_params, functional_params, tracer_used)
+
+
+def _num_inputs(fn: Callable[..., Any], example_inputs: Sequence[Any] | None) -> int:
+    if example_inputs is not None:
+        return len(example_inputs)
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError) as exc:
+        raise FxKfacError("pass example_inputs=(x,) to compile a functional model") from exc
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        raise FxKfacError("fn takes *args: pass example_inputs=(x, ...) to fix the input count")
+    return len(parameters) - 1
+
+
+__all__ = ["compile"]
+_ = torch
