@@ -1,0 +1,1 @@
+"""Losses, reduction factors and backpropagated vectors for each Fisher type."""
