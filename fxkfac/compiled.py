@@ -83,7 +83,7 @@ class CompiledModule(nn.Module):
                 )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         total = sum(
             layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2)
@@ -98,6 +98,7 @@ class CompiledModule(nn.Module):
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
+        """Short description shown by ``print(kmod)``."""
         return (
             f"layers={len(self.layers)}, uncaptured={len(self.uncaptured)}, tracer={self.tracer!r}"
         )

@@ -1,0 +1,1 @@
+"""Capture: tracing, op matching, parameter verification and the graph rewrite."""

@@ -7,7 +7,7 @@
   becomes a graph placeholder, so the graph is a pure function of parameters and inputs.
 
 A failed trace raises :class:`~fxkfac.errors.TraceError` naming the model line that failed
-and the ways out (leaf modules, concrete arguments, ``tracer="export"``).
+and the ways out (leaf modules, concrete arguments).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def trace_error(exc: BaseException, what: str) -> TraceError:
         "Fixes: mark the submodule that holds this code as a leaf "
         "(compile(..., leaf_modules=[MyBlock])) — its Linear/Conv parameters are then "
         "listed in kmod.uncaptured; fix non-tensor arguments with "
-        "compile(..., concrete_args={'flag': True}); or trace with tracer='export'."
+        "compile(..., concrete_args={'flag': True})."
     )
 
 

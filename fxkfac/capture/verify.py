@@ -81,6 +81,16 @@ def _layer_name(weight: str) -> str:
     return weight[: -len(".weight")] if weight.endswith(".weight") else weight
 
 
+def _unique_names(layers: list[LayerInfo]) -> list[LayerInfo]:
+    """Fall back to the full weight name where stripping ``.weight`` makes names collide."""
+    counts: dict[str, int] = defaultdict(int)
+    for layer in layers:
+        counts[layer.name] += 1
+    return [
+        replace(layer, name=layer.weight) if counts[layer.name] > 1 else layer for layer in layers
+    ]
+
+
 def _merge(matches: list[OpMatch], shape: tuple[int, ...]) -> LayerInfo | str:
     """Merge the matches of one weight into a :class:`LayerInfo`, or say why they can't be."""
     first = matches[0]
@@ -170,6 +180,17 @@ def find_layers(
     by_weight: dict[str, list[OpMatch]] = defaultdict(list)
     for match in matches:
         by_weight[match.weight].append(match)
+    bias_owners: dict[str, set[str]] = defaultdict(set)
+    for match in matches:
+        if match.bias is not None:
+            bias_owners[match.bias].add(match.weight)
+    for bias, owners in bias_owners.items():
+        if len(owners) > 1:
+            uncaptured.setdefault(
+                bias,
+                f"bias shared by layers with different weights ({', '.join(sorted(owners))}): "
+                "one factor pair cannot cover it",
+            )
     layers: list[LayerInfo] = []
     for weight, weight_matches in by_weight.items():
         bias = weight_matches[0].bias
@@ -183,6 +204,7 @@ def find_layers(
             None, {m.weight for m in weight_matches} | {m.bias for m in weight_matches}
         ):
             uncaptured.setdefault(name, f"{reason}; so its layer is not preconditioned")
+    layers = _unique_names(layers)
     layer_params = {layer.weight for layer in layers} | {layer.bias for layer in layers}
     for name in all_params:
         if canonical.get(name, name) == name and name not in uses and name not in layer_params:

@@ -19,6 +19,7 @@ separate loss terms of a linear network (see the tests), like the sequence case.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fxkfac.capture.capture import Capture
-from fxkfac.curvature.losses import loss_rule
+from fxkfac.curvature.losses import LossRule, loss_rule
 from fxkfac.errors import CaptureError
 from fxkfac.factors.registry import factor_rule
 
@@ -69,6 +70,7 @@ def compute_factors(
     generator: torch.Generator | None = None,
     prediction: Tensor | None = None,
     chunk_size: int = 64,
+    diagonal: frozenset[str] = frozenset(),
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """K-FAC factors of every captured layer.
 
@@ -83,6 +85,8 @@ def compute_factors(
         generator: random generator for ``'mc'`` (reproducible sampling).
         prediction: the tensor the loss is computed from (default: the model output).
         chunk_size: backpropagated vectors per batched backward.
+        diagonal: names of layers whose factors are kept diagonal (returned as vectors
+            ``[D]``; used for enormous layers).
 
     Returns:
         ``{layer name: (A, B)}``; ``A: [D_in (+1), D_in (+1)]``, ``B: [D_out, D_out]``,
@@ -94,74 +98,108 @@ def compute_factors(
         raise CaptureError(
             f"expected the Capture returned by kmod(...), got {type(capture).__name__}"
         )
-    if fisher is FisherType.MC and (not isinstance(mc_samples, int) or mc_samples < 1):
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
     prediction = capture.prediction if prediction is None else prediction
     rule = loss_rule(loss_func)
     rule.check(prediction, targets)
-    if prediction.shape[0] == 0:
-        raise ValueError("the batch is empty: K-FAC factors need at least one datum")
-    reduction_factor = rule.reduction_factor(prediction)
-
-    input_factors = {
-        index: _input_factor(capture, index, approx, reduction_factor) for index in _layers(capture)
-    }
+    check_batch(prediction)
+    inputs = input_factors(capture, rule.reduction_factor(prediction), approx, diagonal)
     if fisher is FisherType.FORWARD_ONLY:
-        grad_factors = {index: _identity_factor(capture, index) for index in input_factors}
+        grads = identity_factors(capture, diagonal)
     else:
-        if prediction.grad_fn is None:
-            raise CaptureError(
-                "the prediction has no autograd graph: run the forward with gradients "
-                "enabled (not under torch.no_grad()) to compute gradient-based factors, or use "
-                "fisher_type='forward-only'"
-            )
-        if fisher is FisherType.TYPE2:
-            chunks = rule.type2_vectors(prediction, chunk_size)
-        elif fisher is FisherType.MC:
-            chunks = iter([rule.mc_vectors(prediction, mc_samples, generator)])
-        else:
-            chunks = iter([rule.empirical_vectors(prediction, targets)])
-        grad_factors = _grad_factors(capture, prediction, chunks, approx)
-    return {
-        capture.layers[index].name: (input_factors[index], grad_factors[index])
-        for index in input_factors
-    }
+        vectors = backpropagated_vectors(
+            rule, fisher, prediction, targets, mc_samples, generator, chunk_size
+        )
+        grads = grad_factors(capture, prediction, vectors, approx, diagonal)
+    return {capture.layers[i].name: (inputs[i], grads[i]) for i in inputs}
 
 
-def _layers(capture: Capture) -> list[int]:
+def check_batch(prediction: Tensor) -> None:
+    """Reject empty batches and predictions without an autograd graph."""
+    if prediction.ndim == 0 or prediction.shape[0] == 0:
+        raise ValueError("the batch is empty: K-FAC factors need at least one datum")
+
+
+def backpropagated_vectors(
+    rule: LossRule,
+    fisher: FisherType,
+    prediction: Tensor,
+    targets: Tensor | None,
+    mc_samples: int,
+    generator: torch.Generator | None,
+    chunk_size: int = 64,
+) -> Iterator[Tensor]:
+    """Chunks ``[K, *prediction.shape]`` of backpropagated vectors for ``fisher``."""
+    if prediction.grad_fn is None:
+        raise CaptureError(
+            "the prediction has no autograd graph: run the forward with gradients "
+            "enabled (not under torch.no_grad()) to compute gradient-based factors, or use "
+            "fisher_type='forward-only'"
+        )
+    if fisher is FisherType.TYPE2:
+        return rule.type2_vectors(prediction, chunk_size)
+    if fisher is FisherType.MC:
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        return iter([rule.mc_vectors(prediction, mc_samples, generator)])
+    return iter([rule.empirical_vectors(prediction, targets)])
+
+
+def layer_indices(capture: Capture) -> list[int]:
+    """Indices (into ``capture.layers``) of the layers with at least one use."""
     return sorted(set(capture.slot_layers))
 
 
-def _input_factor(
-    capture: Capture, index: int, approx: KFACApprox, reduction_factor: float
-) -> Tensor:
-    """``A`` of one layer: ``[D_A, D_A]`` or ``[G, D_A, D_A]``."""
-    layer = capture.layers[index]
-    rule = factor_rule(layer.kind)
-    features = []
-    for slot, use in zip(capture.slots_of(index), layer.matches, strict=True):
-        layer_input = capture.inputs[slot]
-        if layer_input is None:
-            raise CaptureError(
-                f"layer {layer.name} was not recorded in this forward pass (its op did not run)"
-            )
-        x = layer_input.detach()
-        x = x.to(_accumulation_dtype(x.dtype))
-        features.append(rule.input_features(x, layer, use))  # [N, S, G, D]
-    if approx is KFACApprox.REDUCE:
-        positions = sum(f.shape[1] for f in features)
-        x = sum(f.sum(dim=1) for f in features) / positions  # [N, G, D]
-    else:
-        x = torch.cat([f.flatten(0, 1) for f in features])  # [N S, G, D]
-    factor = torch.einsum("mgi,mgj->gij", x, x) * reduction_factor
-    return factor[0] if layer.groups == 1 else factor
+def _outer(rows: Tensor, diagonal: bool) -> Tensor:
+    """``Σ_m r_m r_mᵀ`` per group for rows ``[M, G, D]`` -> ``[G, D, D]`` (or ``[G, D]``)."""
+    if diagonal:
+        return rows.square().sum(0)
+    return torch.einsum("mgi,mgj->gij", rows, rows)
 
 
-def _identity_factor(capture: Capture, index: int) -> Tensor:
-    layer = capture.layers[index]
-    x = capture.inputs[capture.slots_of(index)[0]]
-    eye = torch.eye(layer.output_factor_dim, dtype=_accumulation_dtype(x.dtype), device=x.device)
-    return eye if layer.groups == 1 else eye.expand(layer.groups, -1, -1).clone()
+def _ungroup(factor: Tensor, groups: int) -> Tensor:
+    return factor[0] if groups == 1 else factor
+
+
+def input_factors(
+    capture: Capture,
+    reduction_factor: float,
+    approx: KFACApprox,
+    diagonal: frozenset[str] = frozenset(),
+) -> dict[int, Tensor]:
+    """``A`` of every layer: ``[D_A, D_A]``, ``[G, D_A, D_A]`` with groups, ``[D_A]`` if diagonal."""
+    factors = {}
+    for index in layer_indices(capture):
+        layer = capture.layers[index]
+        rule = factor_rule(layer.kind)
+        features = []
+        for slot, use in zip(capture.slots_of(index), layer.matches, strict=True):
+            layer_input = capture.inputs[slot]
+            if layer_input is None:
+                raise CaptureError(f"layer {layer.name} was not recorded in this forward pass")
+            x = layer_input.detach()
+            features.append(rule.input_features(x.to(_accumulation_dtype(x.dtype)), layer, use))
+        if approx is KFACApprox.REDUCE:
+            positions = sum(f.shape[1] for f in features)
+            rows = sum(f.sum(dim=1) for f in features) / positions  # [N, G, D]
+        else:
+            rows = torch.cat([f.flatten(0, 1) for f in features])  # [N S, G, D]
+        factor = _outer(rows, layer.name in diagonal) * reduction_factor
+        factors[index] = _ungroup(factor, layer.groups)
+    return factors
+
+
+def identity_factors(capture: Capture, diagonal: frozenset[str] = frozenset()) -> dict[int, Tensor]:
+    """``B = I`` of every layer (``fisher_type='forward-only'``)."""
+    factors = {}
+    for index in layer_indices(capture):
+        layer = capture.layers[index]
+        x = capture.inputs[capture.slots_of(index)[0]]
+        dtype = _accumulation_dtype(x.dtype)
+        eye = torch.ones(layer.groups, layer.output_factor_dim, dtype=dtype, device=x.device)
+        if layer.name not in diagonal:
+            eye = torch.diag_embed(eye)
+        factors[index] = _ungroup(eye, layer.groups)
+    return factors
 
 
 def _batched_grad(prediction: Tensor, edges: list, vectors: Tensor) -> tuple[Tensor | None, ...]:
@@ -183,50 +221,71 @@ def _batched_grad(prediction: Tensor, edges: list, vectors: Tensor) -> tuple[Ten
         )
 
 
-def _grad_factors(
-    capture: Capture, prediction: Tensor, chunks, approx: KFACApprox
+def grad_factors(
+    capture: Capture,
+    prediction: Tensor,
+    chunks: Iterable[Tensor],
+    approx: KFACApprox,
+    diagonal: frozenset[str] = frozenset(),
 ) -> dict[int, Tensor]:
-    """``B`` of every layer, accumulated over chunks of backpropagated vectors."""
+    """``B`` of every layer from chunks of backpropagated vectors ``[K, *prediction.shape]``."""
     slots = [slot for slot, edge in enumerate(capture.output_edges) if edge is not None]
     edges = [capture.output_edges[slot] for slot in slots]
-    sums: dict[int, Tensor] = {}
+    accumulator = GradFactorAccumulator(capture, approx, diagonal)
     for vectors in chunks:
-        grads_by_slot = dict(
-            zip(slots, _batched_grad(prediction, edges, vectors.detach()), strict=True)
-        )
-        for index in _layers(capture):
+        grads = _batched_grad(prediction, edges, vectors.detach())
+        accumulator.add(dict(zip(slots, grads, strict=True)), vectors.shape[0])
+    return accumulator.result()
+
+
+class GradFactorAccumulator:
+    """Sums ``Σ g gᵀ`` per layer over chunks of output gradients; :meth:`result` normalizes."""
+
+    def __init__(
+        self, capture: Capture, approx: KFACApprox, diagonal: frozenset[str] = frozenset()
+    ):
+        self.capture = capture
+        self.approx = approx
+        self.diagonal = diagonal
+        self.sums: dict[int, Tensor] = {}
+
+    def add(self, grads_by_slot: dict[int, Tensor | None], num_vectors: int) -> None:
+        """Add gradients ``[K, *z.shape]`` per tap slot (``None``: the output is unused)."""
+        capture = self.capture
+        for index in layer_indices(capture):
             layer = capture.layers[index]
             rule = factor_rule(layer.kind)
             per_use = []
             for slot in capture.slots_of(index):
                 grads = grads_by_slot.get(slot)
                 if grads is None:
-                    shape = (vectors.shape[0], *capture.output_shapes[slot])
-                    grads = prediction.new_zeros(shape)
-                grads = grads.to(_accumulation_dtype(grads.dtype))
+                    x = capture.inputs[slot]
+                    grads = x.new_zeros((num_vectors, *capture.output_shapes[slot]))
+                grads = grads.detach().to(_accumulation_dtype(grads.dtype))
                 per_use.append(rule.output_gradients(grads, layer))  # [K, N, S, G, D]
-            if approx is KFACApprox.REDUCE:
-                g = sum(u.sum(dim=2) for u in per_use).flatten(0, 1)  # [K N, G, D]
+            if self.approx is KFACApprox.REDUCE:
+                rows = sum(u.sum(dim=2) for u in per_use).flatten(0, 1)  # [K N, G, D]
             else:
-                g = torch.cat([u.flatten(0, 2) for u in per_use])  # [K N S, G, D]
-            gram = torch.einsum("mgi,mgj->gij", g, g)
-            sums[index] = gram if index not in sums else sums[index] + gram
-    factors = {}
-    for index, gram in sums.items():
-        layer = capture.layers[index]
-        slots_of_layer = capture.slots_of(index)
-        if approx is KFACApprox.REDUCE:
-            count = capture.output_shapes[slots_of_layer[0]][0]
-        else:
-            count = sum(_rows(capture, slot, layer) for slot in slots_of_layer)
-        factor = gram / count
-        factors[index] = factor[0] if layer.groups == 1 else factor
-    return factors
+                rows = torch.cat([u.flatten(0, 2) for u in per_use])  # [K N S, G, D]
+            gram = _outer(rows, layer.name in self.diagonal)
+            self.sums[index] = gram if index not in self.sums else self.sums[index] + gram
+
+    def result(self) -> dict[int, Tensor]:
+        """``B = Σ g gᵀ / (N S)`` (expand) or ``/ N`` (reduce) per layer."""
+        factors = {}
+        for index, gram in self.sums.items():
+            layer = self.capture.layers[index]
+            slots = self.capture.slots_of(index)
+            if self.approx is KFACApprox.REDUCE:
+                count = self.capture.output_shapes[slots[0]][0]
+            else:
+                count = sum(_rows(self.capture.output_shapes[slot], layer) for slot in slots)
+            factors[index] = _ungroup(gram / count, layer.groups)
+        return factors
 
 
-def _rows(capture: Capture, slot: int, layer) -> int:
+def _rows(shape: torch.Size, layer) -> int:
     """``N · S`` of one use: the number of output-gradient outer products per vector."""
-    shape = capture.output_shapes[slot]
     if layer.kind == "linear":
         return max(1, int(torch.Size(shape[:-1]).numel()))
     return shape[0] * int(torch.Size(shape[2:]).numel())
