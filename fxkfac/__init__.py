@@ -11,15 +11,21 @@ from fxkfac.capture.patterns import register_function_matcher, register_module_m
 from fxkfac.compiled import CompiledModule
 from fxkfac.compiler import compile
 from fxkfac.errors import CaptureError, FxKfacError, TraceError, UnsupportedLossError
+from fxkfac.optim.kfac import KFAC
+from fxkfac.optim.ngdt import NGDT
+from fxkfac.optim.preconditioner import KFACPreconditioner
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KFAC",
+    "NGDT",
     "Capture",
     "CaptureError",
     "CompiledModule",
     "ConvParams",
     "FxKfacError",
+    "KFACPreconditioner",
     "LayerInfo",
     "TraceError",
     "UnsupportedLossError",

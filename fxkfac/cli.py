@@ -62,9 +62,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.split(","))
     except ValueError as exc:
-        raise CliError(
-            f"--input-shape {text!r} must be comma-separated integers, e.g. 1,3,32,32"
-        ) from exc
+        raise CliError(f"--input-shape {text!r} must be comma-separated integers, e.g. 1,3,32,32") from exc
     if not shape or any(size <= 0 for size in shape):
         raise CliError(f"--input-shape {text!r} must have positive sizes")
     return shape
@@ -89,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="compile a model and show what K-FAC captures")
-    inspect.add_argument(
-        "model", help="torchvision:resnet18 | path/to/file.py:Class | pkg.mod:Class"
-    )
+    inspect.add_argument("model", help="torchvision:resnet18 | path/to/file.py:Class | pkg.mod:Class")
     inspect.add_argument("--input-shape", default="1,3,32,32", help="example input shape")
     inspect.add_argument("--code", action="store_true", help="print the generated code")
     inspect.set_defaults(run=cmd_inspect)

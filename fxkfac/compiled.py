@@ -86,8 +86,7 @@ class CompiledModule(nn.Module):
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         total = sum(
-            layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2)
-            for layer in self.layers
+            layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2) for layer in self.layers
         )
         lines.append(f"{len(self.layers)} layers captured, {total:,} factor entries")
         if self.uncaptured:
@@ -99,14 +98,10 @@ class CompiledModule(nn.Module):
 
     def extra_repr(self) -> str:
         """Short description shown by ``print(kmod)``."""
-        return (
-            f"layers={len(self.layers)}, uncaptured={len(self.uncaptured)}, tracer={self.tracer!r}"
-        )
+        return f"layers={len(self.layers)}, uncaptured={len(self.uncaptured)}, tracer={self.tracer!r}"
 
 
-def parameters_of(
-    gm: nn.Module, functional_params: Mapping[str, Tensor] | None
-) -> dict[str, Tensor]:
+def parameters_of(gm: nn.Module, functional_params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
     """All parameters by canonical name (first name of shared parameters)."""
     named = dict(gm.named_parameters())
     if functional_params:
@@ -116,6 +111,4 @@ def parameters_of(
 
 def requires_grad_params(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The parameters an optimizer updates."""
-    return {
-        name: p for name, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad
-    }
+    return {name: p for name, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad}

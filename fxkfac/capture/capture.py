@@ -13,6 +13,7 @@ when a later in-place op (``ReLU(inplace=True)``) overwrites the output. No modu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,10 +39,19 @@ class Capture:
         owner: identifier of the compiled module that produced the capture.
     """
 
-    def __init__(self, layers: tuple[LayerInfo, ...], slot_layers: tuple[int, ...], owner: int):
+    def __init__(
+        self,
+        layers: tuple[LayerInfo, ...],
+        slot_layers: tuple[int, ...],
+        owner: int,
+        callbacks: tuple[Callable[[Capture], None], ...] = (),
+    ):
         self.layers = layers
         self.slot_layers = slot_layers
         self.owner = owner
+        self.callbacks = callbacks
+        self.grad_factors: dict[int, Tensor] | None = None
+        """``B`` per layer index, filled during ``loss.backward()`` by an armed optimizer."""
         self.inputs: list[Tensor | None] = [None] * len(slot_layers)
         self.output_edges: list[GradientEdge | None] = [None] * len(slot_layers)
         self.output_shapes: list[torch.Size | None] = [None] * len(slot_layers)
@@ -94,10 +104,12 @@ class CaptureFactory(nn.Module):
         self.layers = layers
         self.slot_layers = slot_layers
         self.owner = id(self)
+        self.callbacks: list[Callable[[Capture], None]] = []
+        """Called with each finished capture (optimizers arm their backward hooks here)."""
 
     def forward(self) -> Capture:
         """Return an empty capture for this forward pass."""
-        return Capture(self.layers, self.slot_layers, self.owner)
+        return Capture(self.layers, self.slot_layers, self.owner, tuple(self.callbacks))
 
 
 def tap(layer_output: Tensor, layer_input: Tensor, capture: Capture, slot: int) -> Tensor:
@@ -109,4 +121,6 @@ def tap(layer_output: Tensor, layer_input: Tensor, capture: Capture, slot: int) 
 def finish(capture: Capture, outputs: Any) -> Capture:
     """Record the model outputs in ``capture``; the graph returns ``(outputs, capture)``."""
     capture.outputs = outputs
+    for callback in capture.callbacks:
+        callback(capture)
     return capture

@@ -76,9 +76,7 @@ class ParamLookup:
                 and (current.target in _TRANSPOSE_METHODS or current.target in _TRANSPOSE_FUNCTIONS)
                 and _swaps_two_dims(current)
             ) or (
-                current.op == "call_function"
-                and current.target is getattr
-                and current.args[1] in ("T", "mT")
+                current.op == "call_function" and current.target is getattr and current.args[1] in ("T", "mT")
             ):
                 transposed = not transposed
                 current = current.args[0]

@@ -70,9 +70,7 @@ def _tuple(value: Any, ndim: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _fused_bias(
-    node: fx.Node, lookup: ParamLookup, out_features: int
-) -> tuple[str, fx.Node] | None:
+def _fused_bias(node: fx.Node, lookup: ParamLookup, out_features: int) -> tuple[str, fx.Node] | None:
     """A bias added right after a bias-free linear op (``x @ W.T + b``): ``(name, add node)``."""
     if len(node.users) != 1:
         return None

@@ -51,9 +51,7 @@ def insert_captures(gm: fx.GraphModule, layers: list[LayerInfo]) -> fx.GraphModu
     for slot, (output_node, input_node) in enumerate(uses):
         with graph.inserting_after(output_node):
             tapped = graph.call_function(tap, (output_node, input_node, capture, slot))
-        output_node.replace_all_uses_with(
-            tapped, delete_user_cb=lambda user, t=tapped: user is not t
-        )
+        output_node.replace_all_uses_with(tapped, delete_user_cb=lambda user, t=tapped: user is not t)
 
     output = graph.output_node()
     (original,) = output.args

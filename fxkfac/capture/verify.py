@@ -86,9 +86,7 @@ def _unique_names(layers: list[LayerInfo]) -> list[LayerInfo]:
     counts: dict[str, int] = defaultdict(int)
     for layer in layers:
         counts[layer.name] += 1
-    return [
-        replace(layer, name=layer.weight) if counts[layer.name] > 1 else layer for layer in layers
-    ]
+    return [replace(layer, name=layer.weight) if counts[layer.name] > 1 else layer for layer in layers]
 
 
 def _merge(matches: list[OpMatch], shape: tuple[int, ...]) -> LayerInfo | str:
@@ -200,9 +198,7 @@ def find_layers(
             layers.append(merged)
             continue
         reason = blocker or merged
-        for name in filter(
-            None, {m.weight for m in weight_matches} | {m.bias for m in weight_matches}
-        ):
+        for name in filter(None, {m.weight for m in weight_matches} | {m.bias for m in weight_matches}):
             uncaptured.setdefault(name, f"{reason}; so its layer is not preconditioned")
     layers = _unique_names(layers)
     layer_params = {layer.weight for layer in layers} | {layer.bias for layer in layers}

@@ -82,9 +82,7 @@ class LossRule:
         """Columns of ``S_n`` (``S_n S_nᵀ = ∇²c``), in chunks ``[k, *prediction.shape]``."""
         raise NotImplementedError
 
-    def mc_vectors(
-        self, prediction: Tensor, samples: int, generator: torch.Generator | None
-    ) -> Tensor:
+    def mc_vectors(self, prediction: Tensor, samples: int, generator: torch.Generator | None) -> Tensor:
         """``[M, *prediction.shape]`` would-be gradients at sampled labels, scaled by 1/√M."""
         raise NotImplementedError
 
@@ -126,9 +124,7 @@ class MSERule(LossRule):
         for columns in _columns(prediction[0].numel(), chunk_size):
             yield _one_hot_columns(prediction, columns, None)
 
-    def mc_vectors(
-        self, prediction: Tensor, samples: int, generator: torch.Generator | None
-    ) -> Tensor:
+    def mc_vectors(self, prediction: Tensor, samples: int, generator: torch.Generator | None) -> Tensor:
         """``f − ŷ = −ε`` with ``ε ~ N(0, I)``."""
         noise = torch.randn(
             (samples, *prediction.shape),
@@ -201,16 +197,12 @@ class CrossEntropyRule(LossRule):
             cls, pos = index // positions, index % positions
             p_pos = flat[:, :, pos].permute(2, 0, 1)  # [k, N, C]
             column = -p_pos * p_pos.gather(2, cls.view(-1, 1, 1).expand(-1, batch, 1)).sqrt()
-            column[torch.arange(len(index)), :, cls] += p_pos[
-                torch.arange(len(index)), :, cls
-            ].sqrt()
+            column[torch.arange(len(index)), :, cls] += p_pos[torch.arange(len(index)), :, cls].sqrt()
             vectors = probs.new_zeros(len(index), batch, classes, positions)
             vectors[torch.arange(len(index)), :, :, pos] = column
             yield vectors.reshape(len(index), *probs.shape)
 
-    def mc_vectors(
-        self, prediction: Tensor, samples: int, generator: torch.Generator | None
-    ) -> Tensor:
+    def mc_vectors(self, prediction: Tensor, samples: int, generator: torch.Generator | None) -> Tensor:
         """``p − onehot(ŷ)`` with ``ŷ ~ Categorical(p)`` at every position."""
         probs = self._probabilities(prediction)
         classes = probs.shape[1]
@@ -244,9 +236,7 @@ class BCEWithLogitsRule(LossRule):
                 f"{tuple(prediction.shape)}; they must match"
             )
         if not targets.is_floating_point():
-            raise ValueError(
-                f"BCEWithLogitsLoss targets must be floating point, got {targets.dtype}"
-            )
+            raise ValueError(f"BCEWithLogitsLoss targets must be floating point, got {targets.dtype}")
 
     def type2_vectors(self, prediction: Tensor, chunk_size: int) -> Iterator[Tensor]:
         """Scaled unit vectors ``√(σ(1−σ)) e_j``."""
@@ -255,9 +245,7 @@ class BCEWithLogitsRule(LossRule):
         for columns in _columns(prediction[0].numel(), chunk_size):
             yield _one_hot_columns(prediction, columns, scale)
 
-    def mc_vectors(
-        self, prediction: Tensor, samples: int, generator: torch.Generator | None
-    ) -> Tensor:
+    def mc_vectors(self, prediction: Tensor, samples: int, generator: torch.Generator | None) -> Tensor:
         """``σ − ŷ`` with ``ŷ ~ Bernoulli(σ)``."""
         sigma = prediction.detach().sigmoid()
         labels = torch.bernoulli(sigma.expand(samples, *sigma.shape), generator=generator)

@@ -20,6 +20,7 @@ separate loss terms of a linear network (see the tests), like the sequence case.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+import threading
 from enum import Enum
 from typing import Any
 
@@ -95,9 +96,7 @@ def compute_factors(
     fisher = _enum(FisherType, fisher_type, "fisher_type")
     approx = _enum(KFACApprox, kfac_approx, "kfac_approx")
     if not isinstance(capture, Capture):
-        raise CaptureError(
-            f"expected the Capture returned by kmod(...), got {type(capture).__name__}"
-        )
+        raise CaptureError(f"expected the Capture returned by kmod(...), got {type(capture).__name__}")
     prediction = capture.prediction if prediction is None else prediction
     rule = loss_rule(loss_func)
     rule.check(prediction, targets)
@@ -106,9 +105,7 @@ def compute_factors(
     if fisher is FisherType.FORWARD_ONLY:
         grads = identity_factors(capture, diagonal)
     else:
-        vectors = backpropagated_vectors(
-            rule, fisher, prediction, targets, mc_samples, generator, chunk_size
-        )
+        vectors = backpropagated_vectors(rule, fisher, prediction, targets, mc_samples, generator, chunk_size)
         grads = grad_factors(capture, prediction, vectors, approx, diagonal)
     return {capture.layers[i].name: (inputs[i], grads[i]) for i in inputs}
 
@@ -202,8 +199,25 @@ def identity_factors(capture: Capture, diagonal: frozenset[str] = frozenset()) -
     return factors
 
 
+_internal = threading.local()
+
+
+def in_internal_backward() -> bool:
+    """Whether fxkfac's own factor backward is running (hooks armed for training ignore it)."""
+    return getattr(_internal, "active", False)
+
+
 def _batched_grad(prediction: Tensor, edges: list, vectors: Tensor) -> tuple[Tensor | None, ...]:
     """Gradients ``[K, *z.shape]`` of ``⟨vectors_k, prediction⟩`` w.r.t. each layer output."""
+    previous = in_internal_backward()
+    _internal.active = True
+    try:
+        return _batched_grad_unguarded(prediction, edges, vectors)
+    finally:
+        _internal.active = previous
+
+
+def _batched_grad_unguarded(prediction: Tensor, edges: list, vectors: Tensor) -> tuple[Tensor | None, ...]:
     try:
         return torch.autograd.grad(
             prediction, edges, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
@@ -216,8 +230,7 @@ def _batched_grad(prediction: Tensor, edges: list, vectors: Tensor) -> tuple[Ten
             for vector in vectors
         ]
         return tuple(
-            None if grads[0] is None else torch.stack(grads)
-            for grads in zip(*per_vector, strict=True)
+            None if grads[0] is None else torch.stack(grads) for grads in zip(*per_vector, strict=True)
         )
 
 
@@ -241,9 +254,7 @@ def grad_factors(
 class GradFactorAccumulator:
     """Sums ``Σ g gᵀ`` per layer over chunks of output gradients; :meth:`result` normalizes."""
 
-    def __init__(
-        self, capture: Capture, approx: KFACApprox, diagonal: frozenset[str] = frozenset()
-    ):
+    def __init__(self, capture: Capture, approx: KFACApprox, diagonal: frozenset[str] = frozenset()):
         self.capture = capture
         self.approx = approx
         self.diagonal = diagonal

@@ -17,9 +17,7 @@ from fxkfac.capture.layer import ConvParams, LayerInfo, OpMatch
 from fxkfac.factors.registry import append_ones, register_factor_rule
 
 
-def _pad_for_string(
-    padding: str, kernel: tuple[int, ...], dilation: tuple[int, ...]
-) -> tuple[int, ...]:
+def _pad_for_string(padding: str, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
     """``F.pad`` amounts (last dim first) for ``padding='same'``/``'valid'``."""
     if padding == "valid":
         return (0,) * (2 * len(kernel))
@@ -55,9 +53,7 @@ def extract_patches(x: Tensor, kernel: tuple[int, ...], conv: ConvParams) -> Ten
     offsets = int(torch.tensor(kernel).prod())
     one_hot = torch.eye(offsets, dtype=x.dtype, device=x.device).reshape(offsets, 1, *kernel)
     one_hot = one_hot.repeat(channels, 1, *([1] * ndim))
-    patches = F.conv3d(
-        x, one_hot, stride=stride, padding=padding, dilation=dilation, groups=channels
-    )
+    patches = F.conv3d(x, one_hot, stride=stride, padding=padding, dilation=dilation, groups=channels)
     return patches.reshape(x.shape[0], channels * offsets, -1)
 
 

@@ -1,0 +1,1 @@
+"""Preconditioners built from Kronecker factors: damped inverses and eigendecompositions."""
