@@ -19,8 +19,8 @@ separate loss terms of a linear network (see the tests), like the sequence case.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 import threading
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from typing import Any
 

@@ -87,7 +87,8 @@ class KFAC(Optimizer):
     ):
         if not isinstance(kmod, CompiledModule):
             raise FxKfacError(
-                f"KFAC needs the compiled module (kmod = fxkfac.compile(model, ...)), got {type(kmod).__name__}"
+                "KFAC needs the compiled module (kmod = fxkfac.compile(model, ...)), "
+                f"got {type(kmod).__name__}"
             )
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError("lr, momentum and weight_decay must be non-negative")

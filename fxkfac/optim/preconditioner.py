@@ -84,7 +84,8 @@ class KFACPreconditioner:
     ):
         if not isinstance(kmod, CompiledModule):
             raise FxKfacError(
-                f"K-FAC needs the compiled module (kmod = fxkfac.compile(model, ...)), got {type(kmod).__name__}"
+                "K-FAC needs the compiled module (kmod = fxkfac.compile(model, ...)), "
+                f"got {type(kmod).__name__}"
             )
         if damping < 0:
             raise ValueError(f"damping must be non-negative, got {damping}")
