@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxkfac.capture.decompositions import MODULE_DECOMPOSITIONS
 from fxkfac.errors import TraceError
 
 PARAM_PLACEHOLDER_META = "fxkfac_param"
@@ -42,6 +43,17 @@ class KFACTracer(fx.Tracer):
         leaves = tuple(leaf_modules)
         self.leaf_types = tuple(m for m in leaves if isinstance(m, type))
         self.leaf_names = {m for m in leaves if isinstance(m, str)}
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Trace supported modules through a decomposition (e.g. ``nn.MultiheadAttention``)."""
+        decomposition = MODULE_DECOMPOSITIONS.get(type(m))
+        qualified_name = self.path_of_module(m)
+        user_leaf = isinstance(m, self.leaf_types) or qualified_name in self.leaf_names
+        if decomposition is not None and not user_leaf:
+            result = decomposition(m, *args, **kwargs)
+            if result is not None:
+                return result
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         """Standard leaves, plus user leaves given by type or qualified name."""

@@ -37,7 +37,8 @@ def _target_name(node: fx.Node) -> str:
 def _is_wrapped_user_function(node: fx.Node) -> bool:
     """A ``call_function`` of a non-torch Python function (``torch.fx.wrap``-ed)."""
     module = getattr(node.target, "__module__", "") or ""
-    return node.op == "call_function" and not module.startswith(("torch", "_operator", "builtins"))
+    torch_module = module == "torch" or module.startswith(("torch.", "torch._"))
+    return node.op == "call_function" and not (torch_module or module in ("_operator", "builtins", "math"))
 
 
 def _reason_for_use(node: fx.Node, param: str, root: nn.Module) -> str:
