@@ -11,12 +11,12 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxkfac.capture.rewrite import insert_captures
-from fxkfac.capture.tracer import trace_function, trace_module
+from fxkfac.capture.tracer import trace_export, trace_function, trace_module
 from fxkfac.capture.verify import find_layers
 from fxkfac.compiled import CompiledModule, parameters_of
-from fxkfac.errors import FxKfacError
+from fxkfac.errors import FxKfacError, TraceError
 
-TRACERS = ("auto", "fx")
+TRACERS = ("auto", "fx", "export")
 
 
 def compile(
@@ -39,7 +39,9 @@ def compile(
         leaf_modules: module types or qualified names not to trace into; their
             parameters are listed in ``kmod.uncaptured``.
         concrete_args: forward arguments fixed while tracing (``torch.fx`` semantics).
-        tracer: ``'auto'`` or ``'fx'`` (symbolic tracing).
+        tracer: ``'fx'`` (symbolic tracing), ``'export'`` (``torch.export``, non-strict,
+            ATen-level; needs ``example_inputs``) or ``'auto'``: fx, and export when fx
+            fails and example inputs are given. ``kmod.tracer`` says which one was used.
 
     Returns:
         A :class:`CompiledModule` sharing the model's parameters.
@@ -62,7 +64,7 @@ def compile(
                 "params= is only for functional models fn(params, *inputs); an nn.Module "
                 "brings its own parameters"
             )
-        gm, tracer_used = trace_module(model, leaf_modules, concrete_args), "fx"
+        gm, tracer_used = _trace_module(model, tracer, example_inputs, leaf_modules, concrete_args)
     elif callable(model):
         if params is None:
             raise FxKfacError(
@@ -82,6 +84,21 @@ def compile(
             "torch.fx.GraphModule, or a function fn(params, *inputs) with params="
         )
     layers, uncaptured = find_layers(gm, functional_params)
+    if (
+        tracer == "auto"
+        and tracer_used == "fx"
+        and example_inputs is not None
+        and _hidden_by_wrapping(uncaptured)
+    ):
+        # parameters passed into wrapped functions (swin_t's attention): torch.export sees inside
+        try:
+            exported = trace_export(model, tuple(example_inputs))
+        except TraceError:
+            exported = None
+        if exported is not None:
+            export_layers, export_uncaptured = find_layers(exported, None)
+            if len(export_uncaptured) < len(uncaptured):
+                gm, tracer_used, layers, uncaptured = exported, "export", export_layers, export_uncaptured
     if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
         for name, _ in model.named_parameters():
             if name not in uncaptured and not any(name in (x.weight, x.bias) for x in layers):
@@ -91,6 +108,33 @@ def compile(
         all_params = parameters_of(gm, functional_params)
     rewritten = insert_captures(gm, layers)
     return CompiledModule(rewritten, layers, uncaptured, all_params, functional_params, tracer_used)
+
+
+def _hidden_by_wrapping(uncaptured: Mapping[str, str]) -> bool:
+    return any("wrapped function" in reason for reason in uncaptured.values())
+
+
+def _trace_module(
+    model: nn.Module,
+    tracer: str,
+    example_inputs: Sequence[Any] | None,
+    leaf_modules: Iterable[type[nn.Module] | str],
+    concrete_args: Mapping[str, Any] | None,
+) -> tuple[fx.GraphModule, str]:
+    """Trace an ``nn.Module`` with the requested tracer; ``(graph module, tracer used)``."""
+    if tracer == "export":
+        if example_inputs is None:
+            raise FxKfacError("tracer='export' needs example_inputs=(x, ...)")
+        return trace_export(model, tuple(example_inputs)), "export"
+    try:
+        return trace_module(model, leaf_modules, concrete_args), "fx"
+    except TraceError as fx_error:
+        if tracer == "fx" or example_inputs is None:
+            raise
+        try:
+            return trace_export(model, tuple(example_inputs)), "export"
+        except TraceError as export_error:
+            raise TraceError(f"{fx_error} torch.export failed too: {export_error}") from export_error
 
 
 def _num_inputs(fn: Callable[..., Any], example_inputs: Sequence[Any] | None) -> int:

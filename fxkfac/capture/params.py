@@ -14,9 +14,21 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-_TRANSPOSE_FUNCTIONS = {torch.t, torch.transpose, torch.permute}
+aten = torch.ops.aten
+_T = {"t", torch.t, aten.t.default}
+_PERMUTE = {"permute", torch.permute, aten.permute.default}
+_TRANSPOSE = {"transpose", torch.transpose, aten.transpose.int}
+_TRANSPOSE_FUNCTIONS = {
+    torch.t,
+    torch.transpose,
+    torch.permute,
+    aten.t.default,
+    aten.transpose.int,
+    aten.permute.default,
+}
 _TRANSPOSE_METHODS = {"t", "transpose", "permute"}
 _IDENTITY_METHODS = {"contiguous"}
+_IDENTITY_FUNCTIONS = {aten.alias.default}
 
 
 @dataclass(frozen=True)
@@ -32,15 +44,22 @@ class ParamRef:
 def _swaps_two_dims(node: fx.Node) -> bool:
     """Whether a transpose/permute node swaps the two dims of a matrix."""
     target = node.target
-    if target in ("t", torch.t):
+    if target in _T:
         return True
     args = list(node.args[1:]) + list(node.kwargs.values())
-    if target in ("permute", torch.permute):
+    if target in _PERMUTE:
         dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
         return list(dims) in ([1, 0], [-1, -2], [1, -2], [-1, 0])
-    if target in ("transpose", torch.transpose):
+    if target in _TRANSPOSE:
         return len(args) == 2 and {int(a) % 2 for a in args if isinstance(a, int)} == {0, 1}
     return False
+
+
+def _is_identity(node: fx.Node) -> bool:
+    """``x.contiguous()`` or ``aten.alias(x)``: the same values under another name."""
+    if node.op == "call_method":
+        return node.target in _IDENTITY_METHODS
+    return node.op == "call_function" and node.target in _IDENTITY_FUNCTIONS
 
 
 class ParamLookup:
@@ -69,7 +88,7 @@ class ParamLookup:
         current = node
         while current not in self.source_nodes:
             path.append(current)
-            if current.op == "call_method" and current.target in _IDENTITY_METHODS:
+            if _is_identity(current):
                 current = current.args[0]
             elif (
                 current.op in ("call_method", "call_function")
@@ -92,7 +111,7 @@ class ParamLookup:
 
     def is_transparent(self, node: fx.Node) -> bool:
         """Whether ``node`` only re-views a parameter (a step :meth:`resolve` looks through)."""
-        if node.op == "call_method" and node.target in _IDENTITY_METHODS:
+        if _is_identity(node):
             return True
         if node.op in ("call_method", "call_function") and (
             node.target in _TRANSPOSE_METHODS or node.target in _TRANSPOSE_FUNCTIONS
@@ -101,4 +120,4 @@ class ParamLookup:
         return node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT")
 
 
-ADD_TARGETS = {operator.add, torch.add, "add"}
+ADD_TARGETS = {operator.add, torch.add, "add", aten.add.Tensor}

@@ -138,7 +138,13 @@ def match_f_linear(node: fx.Node, lookup: ParamLookup) -> OpMatch | None:
         _arg(node, 1, "weight"),
         _arg(node, 2, "bias"),
         weight_transposed_means_out_in=False,
+        call_form=_call_form(node),
     )
+
+
+def _call_form(node: fx.Node) -> str:
+    """``'aten'`` for ATen operator overloads (``torch.export`` graphs), else ``'function'``."""
+    return "aten" if isinstance(node.target, torch._ops.OpOverload) else "function"
 
 
 def match_matmul(node: fx.Node, lookup: ParamLookup) -> OpMatch | None:
@@ -146,7 +152,9 @@ def match_matmul(node: fx.Node, lookup: ParamLookup) -> OpMatch | None:
     left, right = _arg(node, 0, "input"), _arg(node, 1, "other")
     if node.op == "call_method":
         left, right = node.args[0], _arg(node, 1, "other")
-    return _linear(node, lookup, left, right, None, weight_transposed_means_out_in=True)
+    return _linear(
+        node, lookup, left, right, None, weight_transposed_means_out_in=True, call_form=_call_form(node)
+    )
 
 
 def match_addmm(node: fx.Node, lookup: ParamLookup) -> OpMatch | None:
@@ -160,16 +168,20 @@ def match_addmm(node: fx.Node, lookup: ParamLookup) -> OpMatch | None:
         _arg(node, 2, "mat2"),
         _arg(node, 0, "input"),
         weight_transposed_means_out_in=True,
+        call_form=_call_form(node),
     )
 
 
-def _functional_conv(ndim: int) -> FunctionMatcher:
+def _functional_conv(ndim: int | None, call_form: str = "function") -> FunctionMatcher:
+    """Matcher of ``F.conv{ndim}d``-style calls; ``ndim=None`` reads it from the weight."""
+
     def match(node: fx.Node, lookup: ParamLookup) -> OpMatch | None:
         input_node = _arg(node, 0, "input")
         weight = lookup.resolve(_arg(node, 1, "weight"))
         if weight is None or weight.transposed or not isinstance(input_node, fx.Node):
             return None
-        if len(lookup.shape(weight.name)) != ndim + 2:
+        dims = len(lookup.shape(weight.name)) - 2 if ndim is None else ndim
+        if len(lookup.shape(weight.name)) != dims + 2 or dims not in (1, 2, 3):
             return None
         bias_node = _arg(node, 2, "bias")
         bias_name = None
@@ -179,26 +191,28 @@ def _functional_conv(ndim: int) -> FunctionMatcher:
                 return None
             bias_name = bias.name
         padding = _arg(node, 4, "padding", 0)
+        groups = _arg(node, 8 if ndim is None else 6, "groups", 1)
+        if ndim is None and (_arg(node, 6, "transposed", False) or any(_arg(node, 7, "output_padding", ()))):
+            return None
         conv = ConvParams(
-            stride=_tuple(_arg(node, 3, "stride", 1), ndim),
-            padding=padding if isinstance(padding, str) else _tuple(padding, ndim),
-            dilation=_tuple(_arg(node, 5, "dilation", 1), ndim),
-            groups=int(_arg(node, 6, "groups", 1)),
+            stride=_tuple(_arg(node, 3, "stride", 1), dims),
+            padding=padding if isinstance(padding, str) else _tuple(padding, dims),
+            dilation=_tuple(_arg(node, 5, "dilation", 1), dims),
+            groups=int(groups),
         )
         if any(isinstance(v, fx.Node) for v in (conv.stride, conv.dilation, conv.groups)):
             return None
         return OpMatch(
-            kind=f"conv{ndim}d",
+            kind=f"conv{dims}d",
             node=node,
             input=input_node,
             weight=weight.name,
             bias=bias_name,
-            call_form="function",
+            call_form=call_form,
             conv=conv,
             op_nodes=(node,),
         )
 
-    match.__doc__ = f"``F.conv{ndim}d(x, W, b, stride, padding, dilation, groups)``."
     return match
 
 
@@ -248,10 +262,24 @@ def match_conv_module(node: fx.Node, module: nn.Module, lookup: ParamLookup) -> 
 register_module_matcher(nn.Linear, match_linear_module)
 for _conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_module_matcher(_conv_type, match_conv_module)
-register_function_matcher(F.linear, match_f_linear)
-register_function_matcher(torch._C._nn.linear, match_f_linear)
-for _target in (torch.matmul, operator.matmul, torch.mm, "matmul", "mm"):
+aten = torch.ops.aten
+for _target in (F.linear, aten.linear.default):
+    register_function_matcher(_target, match_f_linear)
+for _target in (
+    torch.matmul,
+    operator.matmul,
+    torch.mm,
+    "matmul",
+    "mm",
+    aten.matmul.default,
+    aten.mm.default,
+):
     register_function_matcher(_target, match_matmul)
-register_function_matcher(torch.addmm, match_addmm)
+for _target in (torch.addmm, aten.addmm.default):
+    register_function_matcher(_target, match_addmm)
 for _ndim, _fn in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
     register_function_matcher(_fn, _functional_conv(_ndim))
+for _ndim, _packet in ((1, aten.conv1d), (2, aten.conv2d), (3, aten.conv3d)):
+    for _overload in ("default", "padding"):
+        register_function_matcher(getattr(_packet, _overload), _functional_conv(_ndim, "aten"))
+register_function_matcher(aten.convolution.default, _functional_conv(None, "aten"))

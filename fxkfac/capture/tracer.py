@@ -82,7 +82,8 @@ def trace_error(exc: BaseException, what: str) -> TraceError:
         "Fixes: mark the submodule that holds this code as a leaf "
         "(compile(..., leaf_modules=[MyBlock])) — its Linear/Conv parameters are then "
         "listed in kmod.uncaptured; fix non-tensor arguments with "
-        "compile(..., concrete_args={'flag': True})."
+        "compile(..., concrete_args={'flag': True}); or trace with torch.export: "
+        "compile(..., tracer='export', example_inputs=(x,))."
     )
 
 
@@ -108,6 +109,31 @@ def trace_module(
         raise trace_error(exc, type(model).__name__) from exc
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def trace_export(
+    model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: Mapping[str, Any] | None = None
+) -> fx.GraphModule:
+    """Trace with ``torch.export`` (non-strict) at the ATen level.
+
+    Parameters stay shared with ``model`` and appear as ``get_attr`` nodes under their
+    qualified names, so layer names match the ``torch.fx`` path. The graph is specialized
+    to the example inputs' shapes where the model branches on them. A single-tensor
+    output is returned as the tensor; other outputs as the tuple of their leaves.
+    """
+    try:
+        program = torch.export.export(model, tuple(example_inputs), dict(example_kwargs or {}), strict=False)
+    except Exception as exc:
+        raise trace_error(exc, f"{type(model).__name__} with torch.export").with_traceback(None) from exc
+    gm = program.module()
+    out_spec = getattr(gm, "_out_spec", None)
+    gm.graph._codegen = fx.graph.CodeGen()  # plain signature and outputs; no pytree codegen
+    output = gm.graph.output_node()
+    leaves = output.args[0]
+    if out_spec is not None and out_spec.is_leaf() and isinstance(leaves, (tuple, list)) and len(leaves) == 1:
+        output.args = (leaves[0],)
+    gm.recompile()
+    return gm
 
 
 def trace_function(
