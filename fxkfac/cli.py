@@ -81,6 +81,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train SGD, Adam, K-FAC and K-FAC + NGD-T on digits; write plots and JSON."""
+    from fxkfac.demo import run_demo
+
+    run_demo(args.steps, args.seed, Path(args.out), batch_size=args.batch_size, methods=args.methods)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fxkfac`` argument parser."""
     parser = argparse.ArgumentParser(prog="fxkfac", description=__doc__)
@@ -91,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--input-shape", default="1,3,32,32", help="example input shape")
     inspect.add_argument("--code", action="store_true", help="print the generated code")
     inspect.set_defaults(run=cmd_inspect)
+    demo = sub.add_parser("demo", help="SGD vs Adam vs K-FAC vs K-FAC + NGD-T on digits (offline)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps per method")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--out", default="fxkfac-out", help="folder for the PNG plots and results.json")
+    demo.add_argument("--methods", nargs="+", default=None, help="subset of: SGD Adam K-FAC 'K-FAC + NGD-T'")
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 
