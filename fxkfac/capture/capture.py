@@ -113,7 +113,15 @@ class CaptureFactory(nn.Module):
 
 
 def tap(layer_output: Tensor, layer_input: Tensor, capture: Capture, slot: int) -> Tensor:
-    """Record one matched op in ``capture``; returns ``layer_output`` unchanged."""
+    """Record one matched op in ``capture``; returns ``layer_output`` (same values).
+
+    A layer whose output needs no gradient (its parameters and everything upstream are
+    frozen) still has curvature: with gradients enabled its output becomes a graph leaf
+    so gradients with respect to it exist. Nothing upstream requires grad, so no
+    parameter gradient changes.
+    """
+    if torch.is_grad_enabled() and not layer_output.requires_grad and layer_output.is_floating_point():
+        layer_output = layer_output.detach().requires_grad_()
     capture.record(slot, layer_input, layer_output)
     return layer_output
 

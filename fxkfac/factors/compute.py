@@ -128,9 +128,10 @@ def backpropagated_vectors(
     """Chunks ``[K, *prediction.shape]`` of backpropagated vectors for ``fisher``."""
     if prediction.grad_fn is None:
         raise CaptureError(
-            "the prediction has no autograd graph: run the forward with gradients "
-            "enabled (not under torch.no_grad()) to compute gradient-based factors, or use "
-            "fisher_type='forward-only'"
+            "the prediction has no autograd graph, so no gradient-based factors can be "
+            "computed: run the forward with gradients enabled (not under torch.no_grad() or "
+            "torch.inference_mode()) and make sure the prediction depends on a captured layer; "
+            "or use fisher_type='forward-only'"
         )
     if fisher is FisherType.TYPE2:
         return rule.type2_vectors(prediction, chunk_size)
