@@ -69,15 +69,30 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Compile a model and print its captured layers."""
-    import fxkfac
+    """Compile a model and show its captured layers (rich tables), code and graph."""
+    from rich.console import Console
 
+    import fxkfac
+    from fxkfac.inspect.graph import write_graph
+    from fxkfac.inspect.report import code_view, print_summary, rewrite_view
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    if args.graph and Path(args.graph).suffix not in (".graphml", ".dot", ".gv"):
+        raise CliError(f"--graph {args.graph}: use a .graphml or .dot file name")
     model = load_model(args.model)
+    model.eval()
     example = torch.randn(parse_shape(args.input_shape))
-    kmod = fxkfac.compile(model, example_inputs=(example,))
-    print(kmod.summary())
+    kmod = fxkfac.compile(model, example_inputs=(example,), tracer=args.tracer)
+    if args.layer and args.layer not in {layer.name for layer in kmod.layers}:
+        raise CliError(f"--layer {args.layer}: no such captured layer (see `fxkfac inspect {args.model}`)")
+    print_summary(kmod, console)
+    if args.layer:
+        console.print(rewrite_view(kmod, args.layer))
     if args.code:
-        print(kmod.code)
+        console.print(code_view(kmod))
+    if args.graph:
+        path = write_graph(kmod.to_networkx((example,)), args.graph)
+        console.print(f"wrote {path}")
     return 0
 
 
@@ -98,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="torchvision:resnet18 | path/to/file.py:Class | pkg.mod:Class")
     inspect.add_argument("--input-shape", default="1,3,32,32", help="example input shape")
     inspect.add_argument("--code", action="store_true", help="print the generated code")
+    inspect.add_argument("--graph", help="write the rewritten graph to this .graphml or .dot file")
+    inspect.add_argument("--layer", help="show the before/after rewrite of this layer")
+    inspect.add_argument("--tracer", default="auto", choices=["auto", "fx", "export"])
     inspect.set_defaults(run=cmd_inspect)
     demo = sub.add_parser("demo", help="SGD vs Adam vs K-FAC vs K-FAC + NGD-T on digits (offline)")
     demo.add_argument("--steps", type=int, default=300, help="training steps per method")
@@ -115,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (FxKfacError, RuntimeError, ValueError, OSError) as exc:
+    except (FxKfacError, RuntimeError, ValueError, OSError, KeyError) as exc:
         if args.debug:
             raise
         print(f"fxkfac: error: {exc}", file=sys.stderr)

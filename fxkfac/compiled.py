@@ -33,9 +33,11 @@ class CompiledModule(nn.Module):
         parameters: Mapping[str, Tensor],
         functional_params: dict[str, Tensor] | None = None,
         tracer: str = "fx",
+        traced: fx.GraphModule | None = None,
     ):
         super().__init__()
         self.graph_module = graph_module
+        self._traced = [traced]  # the graph before the rewrite (a list: not a submodule)
         self.layers = list(layers)
         self.uncaptured = dict(uncaptured)
         self.params = functional_params
@@ -52,6 +54,23 @@ class CompiledModule(nn.Module):
     def code(self) -> str:
         """Generated Python source of the rewritten graph."""
         return self.graph_module.code
+
+    @property
+    def traced(self) -> fx.GraphModule | None:
+        """The traced graph module before the rewrite."""
+        return self._traced[0]
+
+    def to_networkx(self, example_inputs: tuple[Any, ...] | None = None):
+        """The rewritten graph as a ``networkx.DiGraph`` (see :mod:`fxkfac.inspect.graph`)."""
+        from fxkfac.inspect.graph import to_networkx
+
+        return to_networkx(self, example_inputs)
+
+    def print_summary(self, **settings: str) -> None:
+        """Print rich tables of the layers and the uncaptured parameters."""
+        from fxkfac.inspect.report import print_summary
+
+        print_summary(self, **settings)
 
     def named_model_parameters(self) -> dict[str, Tensor]:
         """``{qualified name: parameter}`` with the names ``layers``/``uncaptured`` use."""

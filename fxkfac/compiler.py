@@ -107,7 +107,9 @@ def compile(
     else:
         all_params = parameters_of(gm, functional_params)
     rewritten = insert_captures(gm, layers)
-    return CompiledModule(rewritten, layers, uncaptured, all_params, functional_params, tracer_used)
+    return CompiledModule(
+        rewritten, layers, uncaptured, all_params, functional_params, tracer_used, traced=gm
+    )
 
 
 def _hidden_by_wrapping(uncaptured: Mapping[str, str]) -> bool:

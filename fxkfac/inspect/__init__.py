@@ -1,0 +1,1 @@
+"""Views of a compiled module: networkx graph (GraphML/DOT) and rich reports."""
