@@ -58,7 +58,7 @@ def to_networkx(kmod: CompiledModule, example_inputs: tuple[Any, ...] | None = N
         role, layer = "", op_layer.get(node.name, "")
         if node.op == "call_function" and node.target is tap:
             role, layer = "tap", op_layer.get(node.args[0].name, "")
-        elif node.op == "call_function" and node.target is finish or node.name == "capture":
+        elif (node.op == "call_function" and node.target is finish) or node.name == "capture":
             role = "capture"
         elif layer:
             role = "op"
