@@ -100,7 +100,13 @@ class KFAC(Optimizer):
             params = [p for p in kmod.named_model_parameters().values() if p.requires_grad]
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "betas": betas, "eps": eps}
         super().__init__(params, defaults)
-        self.preconditioner = KFACPreconditioner(kmod, loss_func, damping=damping, **preconditioner_options)
+        optimized = {id(p) for group in self.param_groups for p in group["params"]}
+        named = kmod.named_model_parameters()
+        # K-FAC covers the layers whose weight this optimizer updates (fine-tuning a head works)
+        layers = [layer.name for layer in kmod.layers if id(named[layer.weight]) in optimized]
+        self.preconditioner = KFACPreconditioner(
+            kmod, loss_func, damping=damping, layers=layers, **preconditioner_options
+        )
         self.kl_clip = kl_clip
         self.regulator = regulator
         self.uncaptured_update = uncaptured_update
@@ -108,12 +114,17 @@ class KFAC(Optimizer):
         self.damping_factor = damping_factor
         self._last_loss: float | None = None
         self._predicted_change: float | None = None
-        named = kmod.named_model_parameters()
         self._layer_params = {
             layer.name: (named[layer.weight], named[layer.bias] if layer.bias else None)
             for layer in self.preconditioner.layers
         }
         captured_ids = {id(p) for pair in self._layer_params.values() for p in pair if p is not None}
+        for name, (_, bias) in self._layer_params.items():
+            if bias is not None and id(bias) not in optimized:
+                raise FxKfacError(
+                    f"layer {name}: its weight is optimized but its bias is not; K-FAC treats "
+                    "[W | b] jointly — optimize both or freeze both"
+                )
         self._uncaptured = [p for g in self.param_groups for p in g["params"] if id(p) not in captured_ids]
 
     def _group_of(self, param: Tensor) -> dict[str, Any] | None:
@@ -154,9 +165,9 @@ class KFAC(Optimizer):
         for name, matrix in gradients.items():
             weight, bias = self._layer_params[name]
             group = self._group_of(weight)
-            if group["weight_decay"]:
+            if group["weight_decay"]:  # out of place: .grad stays the loss gradient
                 layer = pre.kmod.layer(name)
-                matrix += group["weight_decay"] * to_matrix(layer, weight, bias)
+                gradients[name] = matrix + group["weight_decay"] * to_matrix(layer, weight, bias)
         naturals = pre.precondition(gradients)
         delta_f = sum(float((gradients[n] * naturals[n]).sum()) for n in gradients)
 

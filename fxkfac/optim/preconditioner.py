@@ -63,6 +63,7 @@ class KFACPreconditioner:
         tol: eigenvalue threshold (relative to the largest) of the ``'eigh'`` pseudo-inverse.
         max_factor_dim: factors larger than this are kept diagonal (with a warning).
         seed: seed of the generator used for MC sampling (saved in checkpoints).
+        layers: names of the layers to precondition (default: all of ``kmod.layers``).
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class KFACPreconditioner:
         tol: float = 0.0,
         max_factor_dim: int = 4096,
         seed: int = 0,
+        layers: list[str] | None = None,
     ):
         if not isinstance(kmod, CompiledModule):
             raise FxKfacError(
@@ -108,7 +110,12 @@ class KFACPreconditioner:
         self.tol = tol
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
-        self.layers = list(kmod.layers)
+        known = {layer.name for layer in kmod.layers}
+        unknown = set(layers or ()) - known
+        if unknown:
+            raise FxKfacError(f"no captured layers named {sorted(unknown)}; layers: {sorted(known)}")
+        self.layers = [layer for layer in kmod.layers if layers is None or layer.name in layers]
+        self.layer_names = frozenset(layer.name for layer in self.layers)
         self.params = kmod.named_model_parameters()
         self.diagonal_A = frozenset(x.name for x in self.layers if x.input_factor_dim > max_factor_dim)
         self.diagonal_B = frozenset(x.name for x in self.layers if x.output_factor_dim > max_factor_dim)
@@ -147,6 +154,8 @@ class KFACPreconditioner:
         def on_prediction_grad(grad: Tensor) -> None:
             if in_internal_backward() or capture.grad_factors is not None:
                 return  # fxkfac's own factor backward, or factors already computed
+            if not torch.isfinite(prediction).all():
+                return  # no factors from a broken batch; the step is skipped on its gradients
             vectors = backpropagated_vectors(
                 self.loss_rule, self.fisher, prediction, None, self.mc_samples, self.generator
             )
@@ -208,6 +217,8 @@ class KFACPreconditioner:
         result = {}
         for index, A in inputs.items():
             layer = capture.layers[index]
+            if layer.name not in self.layer_names:
+                continue
             result[layer.name] = (
                 _grouped(A, layer.groups, layer.name in self.diagonal_A),
                 _grouped(grads[index], layer.groups, layer.name in self.diagonal_B),
@@ -335,6 +346,18 @@ class KFACPreconditioner:
                 "this K-FAC checkpoint belongs to a different model: its layers "
                 f"{state.get('layers')} do not match {names}"
             )
+        by_name = {layer.name: layer for layer in self.layers}
+        for name, factor in state["factors"].items():
+            layer = by_name[name]
+            expected = {"A": layer.input_factor_dim, "B": layer.output_factor_dim}
+            for key, size in expected.items():
+                shape = tuple(factor[key].shape)
+                if shape[0] != layer.groups or any(d != size for d in shape[1:]):
+                    raise FxKfacError(
+                        f"this K-FAC checkpoint belongs to a different model: factor {key} of "
+                        f"layer {name} has shape {shape}, this model needs {size} per group "
+                        f"({layer.groups} groups)"
+                    )
         self.steps = int(state["steps"])
         self.damping = float(state["damping"])
         self.generator.set_state(state["generator"])
