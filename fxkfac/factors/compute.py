@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from fxkfac.capture.capture import Capture
 from fxkfac.curvature.losses import LossRule, loss_rule
 from fxkfac.errors import CaptureError
-from fxkfac.factors.registry import factor_rule
+from fxkfac.factors.registry import factor_rule, gram, gram_with_ones
 
 
 class FisherType(str, Enum):
@@ -151,7 +151,7 @@ def _outer(rows: Tensor, diagonal: bool) -> Tensor:
     """``Σ_m r_m r_mᵀ`` per group for rows ``[M, G, D]`` -> ``[G, D, D]`` (or ``[G, D]``)."""
     if diagonal:
         return rows.square().sum(0)
-    return torch.einsum("mgi,mgj->gij", rows, rows)
+    return gram(rows)
 
 
 def _ungroup(factor: Tensor, groups: int) -> Tensor:
@@ -180,8 +180,16 @@ def input_factors(
             positions = sum(f.shape[1] for f in features)
             rows = sum(f.sum(dim=1) for f in features) / positions  # [N, G, D]
         else:
-            rows = torch.cat([f.flatten(0, 1) for f in features])  # [N S, G, D]
-        factor = _outer(rows, layer.name in diagonal) * reduction_factor
+            rows = (
+                features[0].flatten(0, 1)
+                if len(features) == 1
+                else torch.cat([f.flatten(0, 1) for f in features])
+            )
+        if layer.bias is not None:  # x̃ = [x; 1]; mean of the ones is 1 for reduce too
+            factor = gram_with_ones(rows, rows.shape[0], layer.name in diagonal)
+        else:
+            factor = _outer(rows, layer.name in diagonal)
+        factor = factor * reduction_factor
         factors[index] = _ungroup(factor, layer.groups)
     return factors
 
@@ -219,6 +227,9 @@ def _batched_grad(prediction: Tensor, edges: list, vectors: Tensor) -> tuple[Ten
 
 
 def _batched_grad_unguarded(prediction: Tensor, edges: list, vectors: Tensor) -> tuple[Tensor | None, ...]:
+    if vectors.shape[0] == 1:  # one vector (MC-1, empirical): a plain backward, no vmap
+        grads = torch.autograd.grad(prediction, edges, vectors[0], retain_graph=True, allow_unused=True)
+        return tuple(None if g is None else g.unsqueeze(0) for g in grads)
     try:
         return torch.autograd.grad(
             prediction, edges, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
@@ -279,20 +290,20 @@ class GradFactorAccumulator:
                 rows = sum(u.sum(dim=2) for u in per_use).flatten(0, 1)  # [K N, G, D]
             else:
                 rows = torch.cat([u.flatten(0, 2) for u in per_use])  # [K N S, G, D]
-            gram = _outer(rows, layer.name in self.diagonal)
-            self.sums[index] = gram if index not in self.sums else self.sums[index] + gram
+            outer = _outer(rows, layer.name in self.diagonal)
+            self.sums[index] = outer if index not in self.sums else self.sums[index] + outer
 
     def result(self) -> dict[int, Tensor]:
         """``B = Σ g gᵀ / (N S)`` (expand) or ``/ N`` (reduce) per layer."""
         factors = {}
-        for index, gram in self.sums.items():
+        for index, total in self.sums.items():
             layer = self.capture.layers[index]
             slots = self.capture.slots_of(index)
             if self.approx is KFACApprox.REDUCE:
                 count = self.capture.output_shapes[slots[0]][0]
             else:
                 count = sum(_rows(self.capture.output_shapes[slot], layer) for slot in slots)
-            factors[index] = _ungroup(gram / count, layer.groups)
+            factors[index] = _ungroup(total / count, layer.groups)
         return factors
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fxkfac.capture.layer import ConvParams, LayerInfo, OpMatch
-from fxkfac.factors.registry import append_ones, register_factor_rule
+from fxkfac.factors.registry import register_factor_rule
 
 
 def _pad_for_string(padding: str, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
@@ -58,7 +58,7 @@ def extract_patches(x: Tensor, kernel: tuple[int, ...], conv: ConvParams) -> Ten
 
 
 class ConvRule:
-    """Patches ``[N, L, G, C_in/G · Π k (+1)]`` and grads ``[K, N, L, G, C_out/G]``."""
+    """Patches ``[N, L, G, C_in/G · Π k]`` and grads ``[K, N, L, G, C_out/G]``."""
 
     def input_features(self, layer_input: Tensor, layer: LayerInfo, use: OpMatch) -> Tensor:
         """Unfolded input patches of one use, split by group."""
@@ -67,7 +67,7 @@ class ConvRule:
         batch, _, positions = patches.shape
         groups = layer.groups
         features = patches.reshape(batch, groups, -1, positions).permute(0, 3, 1, 2)
-        return append_ones(features) if layer.bias is not None else features
+        return features
 
     def output_gradients(self, grads: Tensor, layer: LayerInfo) -> Tensor:
         """``[K, N, C_out, *spatial]`` -> ``[K, N, L, G, C_out / G]``."""

@@ -11,17 +11,17 @@ from __future__ import annotations
 from torch import Tensor
 
 from fxkfac.capture.layer import LayerInfo, OpMatch
-from fxkfac.factors.registry import append_ones, register_factor_rule
+from fxkfac.factors.registry import register_factor_rule
 
 
 class LinearRule:
-    """Inputs ``[N, ..., D_in]`` -> ``[N, S, 1, D_in (+1)]``; grads likewise for ``D_out``."""
+    """Inputs ``[N, ..., D_in]`` -> ``[N, S, 1, D_in]``; grads likewise for ``D_out``."""
 
     def input_features(self, layer_input: Tensor, layer: LayerInfo, use: OpMatch) -> Tensor:
-        """``[N, S, 1, D_in (+1)]``."""
+        """``[N, S, 1, D_in]``."""
         x = layer_input if layer_input.ndim > 1 else layer_input.unsqueeze(0)
         x = x.reshape(x.shape[0], -1, 1, x.shape[-1])
-        return append_ones(x) if layer.bias is not None else x
+        return x
 
     def output_gradients(self, grads: Tensor, layer: LayerInfo) -> Tensor:
         """``[K, N, ..., D_out]`` -> ``[K, N, S, 1, D_out]``."""

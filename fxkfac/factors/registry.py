@@ -3,9 +3,9 @@
 A rule reshapes what one use of a layer saw into a common layout, so the driver computes
 expand/reduce factors, groups and tied weights once for every kind:
 
-* ``input_features(x, layer, use)`` -> ``[N, S, G, D_in (+1)]``: per datum ``n``, shared
+* ``input_features(x, layer, use)`` -> ``[N, S, G, D_in]``: per datum ``n``, shared
   position ``s`` (sequence entries, conv output pixels; ``S = 1`` without weight sharing),
-  group ``g``; with a trailing 1 when the layer has a bias;
+  group ``g``; the driver accounts for the bias input 1 itself;
 * ``output_gradients(g, layer)`` for ``g: [K, *z.shape]`` -> ``[K, N, S, G, D_out / G]``.
 
 Add a kind with ``register_factor_rule("mykind", MyRule())``.
@@ -25,7 +25,7 @@ class FactorRule(Protocol):
     """How one layer kind exposes inputs and output gradients to the factor driver."""
 
     def input_features(self, layer_input: Tensor, layer: LayerInfo, use: OpMatch) -> Tensor:
-        """``[N, S, G, D_in (+1)]`` input features x̃ of one use."""
+        """``[N, S, G, D_in]`` input features x of one use (without the bias 1)."""
         ...
 
     def output_gradients(self, grads: Tensor, layer: LayerInfo) -> Tensor:
@@ -51,6 +51,33 @@ def factor_rule(kind: str) -> FactorRule:
         ) from None
 
 
-def append_ones(features: Tensor) -> Tensor:
-    """``[..., D] -> [..., D + 1]`` with a trailing 1 (the bias input)."""
-    return torch.cat([features, features.new_ones((*features.shape[:-1], 1))], dim=-1)
+def gram_with_ones(rows: Tensor, count: int | Tensor, diagonal: bool = False) -> Tensor:
+    """``Σ_m x̃_m x̃_mᵀ`` with ``x̃ = [x; 1]``, without materializing the column of ones.
+
+    Args:
+        rows: ``[M, G, D]`` feature rows.
+        count: ``Σ_m 1·1`` — the number of rows (or their total weight).
+        diagonal: return the diagonal ``[G, D + 1]`` only.
+
+    Returns:
+        ``[G, D + 1, D + 1]`` (or ``[G, D + 1]``): ``[[XᵀX, Xᵀ1], [1ᵀX, count]]``.
+    """
+    groups, dim = rows.shape[1], rows.shape[2]
+    total = torch.as_tensor(count, dtype=rows.dtype, device=rows.device).expand(groups, 1)
+    if diagonal:
+        return torch.cat([rows.square().sum(0), total], dim=1)
+    out = rows.new_empty(groups, dim + 1, dim + 1)
+    out[:, :dim, :dim] = gram(rows)
+    column = rows.sum(0)  # [G, D]
+    out[:, :dim, dim] = column
+    out[:, dim, :dim] = column
+    out[:, dim, dim] = total[:, 0]
+    return out
+
+
+def gram(rows: Tensor) -> Tensor:
+    """``Σ_m r_m r_mᵀ`` per group: ``[M, G, D] -> [G, D, D]`` (one GEMM when ``G = 1``)."""
+    if rows.shape[1] == 1:
+        flat = rows[:, 0, :]
+        return (flat.T @ flat).unsqueeze(0)
+    return torch.einsum("mgi,mgj->gij", rows, rows)
