@@ -103,7 +103,7 @@ def train(name: str, steps: int, batch_size: int, seed: int, data, progress=None
         stats = optimizer.step(cap, loss=loss) if is_kfac else optimizer.step()
         elapsed += time.perf_counter() - start
         run.steps.append(step)
-        run.train_loss.append(float(loss))
+        run.train_loss.append(float(loss.detach()))
         if is_kfac and stats.get("skipped") is None:
             run.eta.append(stats["lr"])
             run.q_pred.append(stats["q_pred"] if stats["q_pred"] is not None else float("nan"))
@@ -117,7 +117,7 @@ def train(name: str, steps: int, batch_size: int, seed: int, data, progress=None
             if accuracy >= 0.97 and run.steps_to_97 is None:
                 run.steps_to_97, run.seconds_to_97 = step + 1, elapsed
         if progress is not None:
-            progress.update(task, advance=1, description=f"{name:<14} loss {float(loss):.3f}")
+            progress.update(task, advance=1, description=f"{name:<14} loss {float(loss.detach()):.3f}")
     run.seconds = elapsed
     return run
 

@@ -145,7 +145,7 @@ class KFAC(Optimizer):
         """
         if closure is not None:
             raise FxKfacError("KFAC.step does not take a closure: call opt.step(cap) after loss.backward()")
-        loss_value = float(loss) if loss is not None else None
+        loss_value = float(loss.detach() if isinstance(loss, Tensor) else loss) if loss is not None else None
         pre = self.preconditioner
         gradients = pre.gradient_matrices()
         grads_finite = all(torch.isfinite(g).all() for g in gradients.values()) and all(

@@ -36,6 +36,7 @@ from fxkfac.factors.compute import (
     in_internal_backward,
     input_factors,
 )
+from fxkfac.optim.distributed import all_reduce_factors, spread, world_size
 from fxkfac.optim.layout import from_matrix, to_matrix
 from fxkfac.precond.inverse import KroneckerInverse
 
@@ -64,6 +65,8 @@ class KFACPreconditioner:
         max_factor_dim: factors larger than this are kept diagonal (with a warning).
         seed: seed of the generator used for MC sampling (saved in checkpoints).
         layers: names of the layers to precondition (default: all of ``kmod.layers``).
+        distributed: reduce factors across ``torch.distributed`` ranks and spread the
+            inversions (default: when a process group with several ranks is initialized).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class KFACPreconditioner:
         max_factor_dim: int = 4096,
         seed: int = 0,
         layers: list[str] | None = None,
+        distributed: bool | None = None,
     ):
         if not isinstance(kmod, CompiledModule):
             raise FxKfacError(
@@ -109,6 +113,7 @@ class KFACPreconditioner:
         self.inverse_method = inverse
         self.tol = tol
         self.generator = torch.Generator().manual_seed(seed)
+        self.distributed = world_size() > 1 if distributed is None else distributed
         self.steps = 0
         known = {layer.name for layer in kmod.layers}
         unknown = set(layers or ()) - known
@@ -235,7 +240,10 @@ class KFACPreconditioner:
                     "this step updates the K-FAC factors and needs the capture: opt.step(cap) "
                     "with `out, cap = kmod(x)` from this step"
                 )
-            for name, (A, B) in self._new_factors(capture).items():
+            new_factors = self._new_factors(capture)
+            if self.distributed:
+                new_factors = all_reduce_factors(new_factors, self.loss_rule.reduction == "sum")
+            for name, (A, B) in new_factors.items():
                 if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                     warnings.warn(
                         f"non-finite K-FAC factor for layer {name} at step {self.steps}: "
@@ -253,20 +261,25 @@ class KFACPreconditioner:
                     self.factors[name] = {"A": d * old["A"] + (1 - d) * A, "B": d * old["B"] + (1 - d) * B}
             stats["factors_updated"] = True
         due = self.steps % self.inverse_every == 0
-        for name, factor in self.factors.items():
-            if due or name not in self.inverses:
-                inverse = KroneckerInverse.compute(
-                    factor["A"], factor["B"], self.damping, self.inverse_method, self.tol
+        names = [name for name in self.factors if due or name not in self.inverses]
+
+        def invert(name: str) -> KroneckerInverse:
+            factor = self.factors[name]
+            return KroneckerInverse.compute(
+                factor["A"], factor["B"], self.damping, self.inverse_method, self.tol
+            )
+
+        inverses = spread(names, invert) if self.distributed else {name: invert(name) for name in names}
+        for name, inverse in inverses.items():
+            if inverse.is_finite():
+                self.inverses[name] = inverse
+                stats["inverses_updated"] = True
+            else:
+                warnings.warn(
+                    f"non-finite inverse for layer {name}: keeping the previous one",
+                    RuntimeWarning,
+                    stacklevel=3,
                 )
-                if inverse.is_finite():
-                    self.inverses[name] = inverse
-                    stats["inverses_updated"] = True
-                else:
-                    warnings.warn(
-                        f"non-finite inverse for layer {name}: keeping the previous one",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
         self.steps += 1
         return stats
 
