@@ -75,9 +75,7 @@ def _cnn() -> nn.Module:
 def _fcn() -> nn.Module:
     """Image-shaped outputs ``[N, 4, 6, 6]`` (segmentation / pixel regression)."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
-    ).double()
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).double()
 
 
 MODELS = {"mlp": (_mlp, (6,)), "cnn": (_cnn, (3, 6, 6)), "fcn": (_fcn, (3, 6, 6))}
@@ -225,9 +223,7 @@ def test_factors_match_peer(model_name, loss_name, reduction, fisher_type, kfac_
     for name, (A, B) in ours.items():
         _assert_close(A, alpha[name] * A_peer[name], f"A of {name}")
         _assert_close(B, kappa * B_peer[name] / alpha[name], f"B of {name}")
-        _assert_close(
-            torch.kron(B, A), kappa * torch.kron(B_peer[name], A_peer[name]), f"kron {name}"
-        )
+        _assert_close(torch.kron(B, A), kappa * torch.kron(B_peer[name], A_peer[name]), f"kron {name}")
     # the full block-diagonal matrix in the peer's parameter ordering
     _assert_close(_dense_ours(model, ours), kappa * _dense_peer(peer), "dense K-FAC")
 
@@ -256,9 +252,7 @@ def test_empirical_fisher_mse_is_half_of_peer_and_exact(reduction):
     torch.testing.assert_close(loss_func(out, y), R * criterion, rtol=1e-12, atol=0)
     for name, (A, B) in ours.items():
         layer = model.get_submodule(name)
-        grad_w, grad_b = torch.autograd.grad(
-            criterion, (layer.weight, layer.bias), retain_graph=True
-        )
+        grad_w, grad_b = torch.autograd.grad(criterion, (layer.weight, layer.bias), retain_graph=True)
         g = torch.cat([grad_w, grad_b[:, None]], dim=1).flatten()  # rvec(∇_W̃ c)
         exact = R * torch.outer(g, g)
         _assert_close(torch.kron(B, A), exact, f"ours vs exact EF, {name}")
