@@ -64,7 +64,7 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, Any, nn.Module], Any]] = {
     "SGD": lambda model, kmod, loss: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
     "Adam": lambda model, kmod, loss: torch.optim.Adam(model.parameters(), lr=3e-3),
     "K-FAC": lambda model, kmod, loss: fxkfac.KFAC(
-        kmod, loss, lr=0.3, damping=0.03, momentum=0.5, factor_decay=0.9, inverse_every=5
+        kmod, loss, lr=0.3, damping=0.03, momentum=0.5, factor_decay=0.9, inverse_every=5, kl_clip=1e-2
     ),
     "K-FAC + NGD-T": lambda model, kmod, loss: fxkfac.KFAC(
         kmod,
