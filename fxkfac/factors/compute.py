@@ -252,14 +252,23 @@ def grad_factors(
     chunks: Iterable[Tensor],
     approx: KFACApprox,
     diagonal: frozenset[str] = frozenset(),
+    observers: Iterable[Any] = (),
 ) -> dict[int, Tensor]:
-    """``B`` of every layer from chunks of backpropagated vectors ``[K, *prediction.shape]``."""
+    """``B`` of every layer from chunks of backpropagated vectors ``[K, *prediction.shape]``.
+
+    ``observers`` (objects with ``add(grads_by_slot, num_vectors)``, e.g. the EKFAC
+    eigenvalue correction) receive the same output gradients as the ``B`` accumulator.
+    """
+    observers = list(observers)
     slots = [slot for slot, edge in enumerate(capture.output_edges) if edge is not None]
     edges = [capture.output_edges[slot] for slot in slots]
     accumulator = GradFactorAccumulator(capture, approx, diagonal)
     for vectors in chunks:
         grads = _batched_grad(prediction, edges, vectors.detach())
-        accumulator.add(dict(zip(slots, grads, strict=True)), vectors.shape[0])
+        grads_by_slot = dict(zip(slots, grads, strict=True))
+        accumulator.add(grads_by_slot, vectors.shape[0])
+        for observer in observers:
+            observer.add(grads_by_slot, vectors.shape[0])
     return accumulator.result()
 
 

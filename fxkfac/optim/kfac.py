@@ -247,7 +247,7 @@ class KFAC(Optimizer):
                 pre.damping /= self.damping_factor
             pre.damping = min(max(pre.damping, 1e-8), 1e4)
             for inverse in pre.inverses.values():
-                if inverse.method == "eigh":
+                if inverse.method in ("eigh", "ekfac"):
                     inverse.damping = pre.damping
         self._last_loss = loss_value
 

@@ -9,6 +9,10 @@ while the graph is alive — no second forward, no ``retain_graph``:
 * ``empirical``: hooks on the layer outputs' autograd nodes read the training gradients
   ``R ∇c`` themselves (no extra backward), assuming the loss is ``loss_func(out, y)``.
 
+With ``inverse='ekfac'`` the same backward also yields the eigenvalue correction
+(:mod:`fxkfac.precond.ekfac`): the output gradients go to an
+:class:`~fxkfac.precond.ekfac.EigenvalueCorrection` next to the ``B`` accumulator.
+
 Used alone, :meth:`KFACPreconditioner.step` replaces each captured parameter's ``.grad``
 by the preconditioned direction, so any ``torch.optim`` optimizer can apply it.
 """
@@ -38,6 +42,7 @@ from fxkfac.factors.compute import (
 )
 from fxkfac.optim.distributed import all_reduce_factors, spread, world_size
 from fxkfac.optim.layout import from_matrix, to_matrix
+from fxkfac.precond.ekfac import Basis, EigenvalueCorrection
 from fxkfac.precond.inverse import KroneckerInverse
 
 
@@ -59,9 +64,16 @@ class KFACPreconditioner:
         fisher_type: ``'mc'`` (default), ``'type-2'``, ``'empirical'`` or ``'forward-only'``.
         mc_samples: sampled labels per datum for ``'mc'``.
         kfac_approx: ``'expand'`` or ``'reduce'`` for weight-shared layers.
-        inverse: ``'cholesky'`` (π-split damped inverse) or ``'eigh'`` (exact damped
-            Kronecker inverse; pseudo-inverse with relative tolerance ``tol``).
-        tol: eigenvalue threshold (relative to the largest) of the ``'eigh'`` pseudo-inverse.
+        inverse: ``'cholesky'`` (π-split damped inverse), ``'eigh'`` (exact damped
+            Kronecker inverse; pseudo-inverse with relative tolerance ``tol``) or ``'ekfac'``
+            (eigenvalue-corrected K-FAC, George et al., 2018: the ``'eigh'`` eigenbasis,
+            recomputed every ``inverse_every`` steps, with eigenvalues
+            ``s = R Σ_{n,c} (Q_Bᵀ G_{n,c} Q_A)²`` from per-example gradients, averaged with
+            ``factor_decay`` on factor steps; when the basis is recomputed the average
+            restarts from the K-FAC eigenvalues ``b aᵀ`` of the new basis; see
+            :mod:`fxkfac.precond.ekfac`).
+        tol: eigenvalue threshold (relative to the largest) of the ``'eigh'`` / ``'ekfac'``
+            pseudo-inverse.
         max_factor_dim: factors larger than this are kept diagonal (with a warning).
         seed: seed of the generator used for MC sampling (saved in checkpoints).
         layers: names of the layers to precondition (default: all of ``kmod.layers``).
@@ -99,8 +111,13 @@ class KFACPreconditioner:
             raise ValueError(f"factor_decay must lie in [0, 1), got {factor_decay}")
         if factor_every < 1 or inverse_every < 1:
             raise ValueError("factor_every and inverse_every must be positive integers")
-        if inverse not in ("cholesky", "eigh"):
-            raise ValueError(f"inverse={inverse!r} is not one of 'cholesky', 'eigh'")
+        if inverse not in ("cholesky", "eigh", "ekfac"):
+            raise ValueError(f"inverse={inverse!r} is not one of 'cholesky', 'eigh', 'ekfac'")
+        if inverse == "ekfac" and fisher_type == "forward-only":
+            raise ValueError(
+                "inverse='ekfac' corrects the eigenvalues with per-example gradients, which "
+                "fisher_type='forward-only' does not compute"
+            )
         self.kmod = kmod
         self.loss_rule = loss_rule(loss_func)
         self.fisher = _enum(FisherType, fisher_type, "fisher_type")
@@ -114,6 +131,8 @@ class KFACPreconditioner:
         self.tol = tol
         self.generator = torch.Generator().manual_seed(seed)
         self.distributed = world_size() > 1 if distributed is None else distributed
+        if self.distributed and inverse == "ekfac":
+            raise FxKfacError("inverse='ekfac' is not supported with distributed K-FAC yet")
         self.steps = 0
         known = {layer.name for layer in kmod.layers}
         unknown = set(layers or ()) - known
@@ -164,7 +183,10 @@ class KFACPreconditioner:
             vectors = backpropagated_vectors(
                 self.loss_rule, self.fisher, prediction, None, self.mc_samples, self.generator
             )
-            capture.grad_factors = grad_factors(capture, prediction, vectors, self.approx, self.diagonal_B)
+            observers = [self._eigenvalue_correction(capture)] if self.inverse_method == "ekfac" else []
+            capture.grad_factors = grad_factors(
+                capture, prediction, vectors, self.approx, self.diagonal_B, observers=observers
+            )
 
         prediction.register_hook(on_prediction_grad)
 
@@ -185,6 +207,64 @@ class KFACPreconditioner:
         for slot, edge in enumerate(capture.output_edges):
             if edge is not None:
                 edge.node.register_prehook(make_hook(slot, edge.output_nr))
+
+    # -- eigenvalue correction (inverse='ekfac') -----------------------------------------
+    def _bases(self, fixed_only: bool) -> dict[str, Basis]:
+        """``{layer: (Q_A, Q_B)}`` of the EKFAC inverses.
+
+        With ``fixed_only``, only the bases that the next :meth:`update` keeps (none when a
+        recomputation is due): the others are known only after it.
+        """
+        if fixed_only and self.steps % self.inverse_every == 0:
+            return {}
+        return {
+            name: (inverse.tensors.get("QA"), inverse.tensors.get("QB"))
+            for name, inverse in self.inverses.items()
+            if inverse.method == "ekfac"
+        }
+
+    def _eigenvalue_correction(self, capture: Capture) -> EigenvalueCorrection:
+        """A fresh correction accumulator for this capture (kept on the capture)."""
+        correction = EigenvalueCorrection(capture, self.layer_names, self._bases(fixed_only=True))
+        capture.eigenvalue_correction = correction
+        return correction
+
+    def _correct_eigenvalues(self, capture: Capture, updated: set[str], first: set[str]) -> list[str]:
+        """Average this batch's corrected eigenvalues into the EKFAC inverses.
+
+        Args:
+            capture: this step's capture.
+            updated: layers whose factors this step updated.
+            first: layers whose factors were created this step (no average yet).
+
+        Returns:
+            The layers whose correction was not finite (skipped, last good state kept).
+        """
+        correction = getattr(capture, "eigenvalue_correction", None)
+        if correction is None:
+            raise CaptureError(
+                "inverse='ekfac' found no eigenvalue correction for this capture: the K-FAC "
+                "backward ran for another optimizer; use one K-FAC optimizer per compiled module"
+            )
+        capture.eigenvalue_correction = None  # the accumulated gradients are not needed again
+        reduction = self.loss_rule.reduction_factor(capture.prediction)
+        skipped = []
+        for name, values in correction.result(reduction, self._bases(fixed_only=False)).items():
+            inverse = self.inverses.get(name)
+            if name not in updated or inverse is None:
+                continue
+            if not torch.isfinite(values).all():
+                warnings.warn(
+                    f"non-finite EKFAC eigenvalues for layer {name} at step {self.steps}: "
+                    "skipping their update, keeping the last good ones",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                skipped.append(name)
+                continue
+            d = 0.0 if name in first else self.factor_decay
+            inverse.tensors["s"] = d * inverse.tensors["s"] + (1 - d) * values.to(inverse.tensors["s"].dtype)
+        return skipped
 
     # -- factors and inverses -----------------------------------------------------------
     def _check_capture(self, capture: Capture | None) -> None:
@@ -211,6 +291,8 @@ class KFACPreconditioner:
             accumulator = GradFactorAccumulator(capture, self.approx, self.diagonal_B)
             accumulator.add(capture.output_grads, 1)
             grads = accumulator.result()
+            if self.inverse_method == "ekfac":
+                self._eigenvalue_correction(capture).add(capture.output_grads, 1)
         elif capture.grad_factors is None:
             raise CaptureError(
                 "no gradient-based K-FAC factors were recorded for this capture: call "
@@ -234,6 +316,8 @@ class KFACPreconditioner:
         """Update running factors (if due) and inverses (if due); advance the step counter."""
         self._check_capture(capture)
         stats: dict[str, Any] = {"factors_updated": False, "inverses_updated": False, "skipped_layers": []}
+        updated: set[str] = set()
+        first: set[str] = set()
         if self.will_update_factors():
             if capture is None:
                 raise CaptureError(
@@ -254,7 +338,9 @@ class KFACPreconditioner:
                     stats["skipped_layers"].append(name)
                     continue
                 old = self.factors.get(name)
+                updated.add(name)
                 if old is None:
+                    first.add(name)
                     self.factors[name] = {"A": A.clone(), "B": B.clone()}
                 else:
                     d = self.factor_decay
@@ -280,6 +366,8 @@ class KFACPreconditioner:
                     RuntimeWarning,
                     stacklevel=3,
                 )
+        if self.inverse_method == "ekfac" and updated:
+            stats["skipped_layers"] += self._correct_eigenvalues(capture, updated, first)
         self.steps += 1
         return stats
 

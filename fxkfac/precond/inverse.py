@@ -11,7 +11,11 @@ convention the curvature block is ``B ⊗ A`` and ``(B ⊗ A)⁻¹ rvec(Ĝ) = rv
 * ``eigh`` — eigendecompositions ``A = Q_A diag(a) Q_Aᵀ``, ``B = Q_B diag(b) Q_Bᵀ`` and the
   exact damped inverse ``(B ⊗ A + λ I)⁻¹``: in the eigenbasis divide by ``b_i a_j + λ``.
   Eigenvalue products below ``tol · max`` are discarded (a pseudo-inverse, as in seed 001);
-  :meth:`KroneckerInverse.null_part` returns the component of ``Ĝ`` in those directions.
+  :meth:`KroneckerInverse.null_part` returns the component of ``Ĝ`` in those directions;
+* ``ekfac`` — the ``eigh`` eigenbasis with corrected eigenvalues ``s: [G, D_B, D_A]``
+  (George et al., 2018; :mod:`fxkfac.precond.ekfac`): divide by ``s_ij + λ`` in the
+  eigenbasis. :meth:`KroneckerInverse.compute` starts from ``s = b aᵀ`` (plain K-FAC); the
+  preconditioner replaces it by the running corrected eigenvalues. ``tol`` applies to ``s``.
 """
 
 from __future__ import annotations
@@ -77,11 +81,11 @@ class KroneckerInverse:
     """The inverse of one layer's ``B ⊗ A + λ I`` in a form that is cheap to apply.
 
     Attributes:
-        method: ``'cholesky'`` or ``'eigh'``.
+        method: ``'cholesky'``, ``'eigh'`` or ``'ekfac'``.
         tensors: ``{'A_inv', 'B_inv'}`` (cholesky) or ``{'QA', 'a', 'QB', 'b'}`` (eigh;
-            ``QA``/``QB`` absent for diagonal factors).
+            ``QA``/``QB`` absent for diagonal factors); ekfac adds ``'s'``, ``[G, D_B, D_A]``.
         damping: ``λ``.
-        tol: relative eigenvalue threshold of the pseudo-inverse (eigh).
+        tol: relative eigenvalue threshold of the pseudo-inverse (eigh, ekfac).
     """
 
     method: str
@@ -100,7 +104,7 @@ class KroneckerInverse:
                 "A_inv": _damped_inverse(A, root * pi),
                 "B_inv": _damped_inverse(B, root / pi),
             }
-        elif method == "eigh":
+        elif method in ("eigh", "ekfac"):
             QA, a = _eigh(A)
             QB, b = _eigh(B)
             tensors = {"a": a, "b": b}
@@ -108,13 +112,18 @@ class KroneckerInverse:
                 tensors["QA"] = QA
             if QB is not None:
                 tensors["QB"] = QB
+            if method == "ekfac":
+                tensors["s"] = b[:, :, None] * a[:, None, :]
         else:
-            raise ValueError(f"inverse method {method!r} is not one of 'cholesky', 'eigh'")
+            raise ValueError(f"inverse method {method!r} is not one of 'cholesky', 'eigh', 'ekfac'")
         return cls(method, tensors, float(damping), float(tol))
 
     def _eigen_scale(self) -> tuple[Tensor, Tensor]:
-        """``(1 / (b aᵀ + λ) on kept entries, kept mask)``, both ``[G, D_B, D_A]``."""
-        product = self.tensors["b"][:, :, None] * self.tensors["a"][:, None, :]
+        """``(1 / (b aᵀ + λ) on kept entries, kept mask)``, both ``[G, D_B, D_A]`` (``s`` for ekfac)."""
+        if self.method == "ekfac":
+            product = self.tensors["s"]
+        else:
+            product = self.tensors["b"][:, :, None] * self.tensors["a"][:, None, :]
         largest = product.flatten(1).amax(1).clamp_min(0)[:, None, None]
         kept = product > self.tol * largest if self.tol > 0 else torch.ones_like(product, dtype=torch.bool)
         denominator = product + self.damping
@@ -134,7 +143,7 @@ class KroneckerInverse:
 
     def null_part(self, gradient: Tensor) -> Tensor:
         """Component of ``gradient`` in the directions the pseudo-inverse discards."""
-        if self.method != "eigh":
+        if self.method == "cholesky":
             return torch.zeros_like(gradient)
         t = self.tensors
         rotated = _rotate(gradient, t.get("QB"), t.get("QA"))
