@@ -10,7 +10,7 @@ from fxkfac.capture.layer import ConvParams, LayerInfo
 from fxkfac.capture.patterns import register_function_matcher, register_module_matcher
 from fxkfac.compiled import CompiledModule
 from fxkfac.compiler import compile
-from fxkfac.errors import CaptureError, FxKfacError, TraceError, UnsupportedLossError
+from fxkfac.errors import CaptureError, FxKfacError, InputMismatchError, TraceError, UnsupportedLossError
 from fxkfac.optim.kfac import KFAC
 from fxkfac.optim.ngdt import NGDT
 from fxkfac.optim.preconditioner import KFACPreconditioner
@@ -25,6 +25,7 @@ __all__ = [
     "CompiledModule",
     "ConvParams",
     "FxKfacError",
+    "InputMismatchError",
     "KFACPreconditioner",
     "LayerInfo",
     "TraceError",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from fxkfac.capture.capture import Capture
 from fxkfac.capture.layer import LayerInfo
+from fxkfac.errors import InputMismatchError
 
 
 class CompiledModule(nn.Module):
@@ -45,10 +47,23 @@ class CompiledModule(nn.Module):
         self._parameters_by_name = dict(parameters)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> tuple[Any, Capture]:
-        """Run the model; returns ``(outputs, capture)``."""
-        if self.params is not None:
-            return self.graph_module(*self.params.values(), *inputs, **kwargs)
-        return self.graph_module(*inputs, **kwargs)
+        """Run the model; returns ``(outputs, capture)``.
+
+        Raises:
+            InputMismatchError: the forward failed and the inputs' dtype or device differs
+                from the parameters' (the message names both and the fix).
+        """
+        try:
+            if self.params is not None:
+                return self.graph_module(*self.params.values(), *inputs, **kwargs)
+            return self.graph_module(*inputs, **kwargs)
+        except RuntimeError as error:
+            if isinstance(error, InputMismatchError):
+                raise
+            mismatch = describe_input_mismatch(self._parameters_by_name.values(), (inputs, kwargs))
+            if mismatch is None:
+                raise
+            raise InputMismatchError(f"{mismatch} (the forward failed with: {error})") from error
 
     @property
     def code(self) -> str:
@@ -118,6 +133,46 @@ class CompiledModule(nn.Module):
     def extra_repr(self) -> str:
         """Short description shown by ``print(kmod)``."""
         return f"layers={len(self.layers)}, uncaptured={len(self.uncaptured)}, tracer={self.tracer!r}"
+
+
+def describe_input_mismatch(parameters: Iterable[Tensor], inputs: Any) -> str | None:
+    """Why ``inputs`` do not fit ``parameters`` (dtype or device), or ``None`` if they do.
+
+    Only consulted after a forward failed, so models that cast their inputs themselves (or
+    run under autocast) are never second-guessed.
+
+    Args:
+        parameters: the model's parameters.
+        inputs: the forward's inputs (any nesting of tuples, lists and dicts).
+
+    Returns:
+        A message naming the mismatch and the fix, or ``None``.
+    """
+    params = [p for p in parameters if isinstance(p, Tensor)]
+    tensors = [x for x in tree_leaves(inputs) if isinstance(x, Tensor)]
+    param_devices = {p.device for p in params}
+    for x in tensors:
+        if len(param_devices) == 1 and x.device not in param_devices:
+            (device,) = param_devices
+            if device.type == "meta":
+                return (
+                    f"the model's parameters are on the 'meta' device (no data) and the inputs on "
+                    f"{x.device}: materialize the model first, e.g. model.to_empty(device='{x.device}') "
+                    "and load or initialize its weights"
+                )
+            return (
+                f"the inputs are on {x.device} but the model's parameters are on {device}: move "
+                f"the inputs (x.to('{device}')) or the model (model.to('{x.device}'))"
+            )
+    param_dtypes = {p.dtype for p in params if p.is_floating_point()}
+    for x in tensors:
+        if len(param_dtypes) == 1 and x.is_floating_point() and x.dtype not in param_dtypes:
+            (dtype,) = param_dtypes
+            return (
+                f"the inputs are {x.dtype} but the model's parameters are {dtype}: cast the inputs "
+                f"(x.to({dtype})) or the model (model.to({x.dtype}))"
+            )
+    return None
 
 
 def parameters_of(gm: nn.Module, functional_params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:

@@ -21,3 +21,7 @@ class CaptureError(FxKfacError):
 
 class UnsupportedLossError(FxKfacError, NotImplementedError):
     """The loss function has no K-FAC rule (supported: MSE, cross-entropy, BCE-with-logits)."""
+
+
+class InputMismatchError(FxKfacError, RuntimeError):
+    """Inputs and parameters disagree in dtype or device (the forward could not run)."""

@@ -69,6 +69,8 @@ class LossRule:
 
     def reduction_factor(self, prediction: Tensor) -> float:
         """``R`` of ``loss = R Σ_n c(f_n, y_n)`` for a batch of predictions."""
+        if prediction.ndim == 0 or prediction.shape[0] == 0:
+            raise ValueError("the batch is empty: K-FAC factors need at least one datum")
         scale = self.criterion_scale()
         if self.reduction == "sum":
             return scale

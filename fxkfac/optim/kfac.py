@@ -159,6 +159,13 @@ class KFAC(Optimizer):
                 stacklevel=2,
             )
             return {"skipped": "non-finite gradients", "loss": loss_value, "step": pre.steps}
+        if _is_empty_batch(capture):
+            warnings.warn(
+                f"empty batch at step {pre.steps}: step skipped, parameters and K-FAC state left unchanged",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return {"skipped": "empty batch", "loss": loss_value, "step": pre.steps}
         self._adapt_damping(loss_value)
         stats = pre.update(capture)
 
@@ -186,13 +193,34 @@ class KFAC(Optimizer):
             if kl > 0:
                 scale = min(1.0, math.sqrt(self.kl_clip / kl))
 
+        # compute every step first (momentum out of place): nothing is written unless all are finite
+        steps, buffers = {}, {}
+        for name, update in updates.items():
+            weight, _ = self._layer_params[name]
+            momentum = self._group_of(weight)["momentum"]
+            direction = update * scale
+            if momentum:
+                buffer = self.state.get(weight, {}).get("kfac_momentum")
+                direction = direction.clone() if buffer is None else buffer * momentum + direction
+                buffers[name] = direction
+            steps[name] = lr_of[name] * direction
+        broken = sorted(name for name, step in steps.items() if not torch.isfinite(step).all())
+        if broken or not math.isfinite(delta_f):
+            warnings.warn(
+                f"non-finite K-FAC update at step {pre.steps - 1} for layers {broken or sorted(steps)}: "
+                "parameters and momentum left unchanged (the curvature is too ill-conditioned for "
+                "the parameters' dtype: increase damping, or keep the parameters in float32)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return {**stats, "skipped": "non-finite update", "loss": loss_value, "step": pre.steps - 1}
+
         step_norms = {}
         predicted = 0.0
-        for name, update in updates.items():
+        for name, step in steps.items():
             weight, bias = self._layer_params[name]
-            group = self._group_of(weight)
-            direction = self._momentum(weight, update * scale, group["momentum"])
-            step = lr_of[name] * direction
+            if name in buffers:
+                self.state[weight]["kfac_momentum"] = buffers[name]
             predicted += self._model_change(name, gradients[name], step)
             layer = pre.kmod.layer(name)
             dweight, dbias = from_matrix(layer, step)
@@ -236,7 +264,7 @@ class KFAC(Optimizer):
         return float(-(gradient.to(A.dtype) * s).sum() + 0.5 * (s * bsa).sum())
 
     def _adapt_damping(self, loss_value: float | None) -> None:
-        if not self.adaptive_damping or loss_value is None:
+        if not self.adaptive_damping or loss_value is None or not math.isfinite(loss_value):
             return
         if self._last_loss is not None and self._predicted_change:
             rho = (loss_value - self._last_loss) / self._predicted_change
@@ -292,3 +320,14 @@ class KFAC(Optimizer):
         super().load_state_dict(state_dict)
         self._last_loss = adaptive.get("last_loss")
         self._predicted_change = adaptive.get("predicted")
+
+
+def _is_empty_batch(capture: Capture | None) -> bool:
+    """Whether ``capture`` comes from a forward on zero data."""
+    if not isinstance(capture, Capture):
+        return False
+    try:
+        prediction = capture.prediction
+    except FxKfacError:
+        return False
+    return prediction.ndim > 0 and prediction.shape[0] == 0
