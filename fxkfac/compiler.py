@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from fxkfac.capture.batch import probe_batch_axes, with_batch_axes
 from fxkfac.capture.rewrite import insert_captures
 from fxkfac.capture.tracer import trace_export, trace_function, trace_module
 from fxkfac.capture.verify import find_layers
@@ -42,6 +43,10 @@ def compile(
         tracer: ``'fx'`` (symbolic tracing), ``'export'`` (``torch.export``, non-strict,
             ATen-level; needs ``example_inputs``) or ``'auto'``: fx, and export when fx
             fails and example inputs are given. ``kmod.tracer`` says which one was used.
+
+    With ``example_inputs`` the compiled module runs twice more (no gradients) to find
+    where the batch lies in every layer's input (:mod:`fxkfac.capture.batch`), which
+    ``kfac_approx='reduce'`` needs for inputs like ``[S, N, E]`` or ``[N · windows, T, C]``.
 
     Returns:
         A :class:`CompiledModule` sharing the model's parameters.
@@ -107,6 +112,12 @@ def compile(
     else:
         all_params = parameters_of(gm, functional_params)
     rewritten = insert_captures(gm, layers)
+    if example_inputs is not None and layers:
+        leading = tuple(functional_params.values()) if functional_params is not None else ()
+        layouts = probe_batch_axes(rewritten, layers, tuple(example_inputs), leading)
+        if layouts is not None:
+            layers = with_batch_axes(layers, layouts)
+            rewritten = insert_captures(gm, layers)
     return CompiledModule(
         rewritten, layers, uncaptured, all_params, functional_params, tracer_used, traced=gm
     )

@@ -34,6 +34,29 @@ class ConvParams:
 
 
 @dataclass(frozen=True)
+class BatchAxis:
+    """Where the batch lies in a layer's input ``x`` and output ``z`` (same leading axes).
+
+    Axis ``dim`` has size ``outer · N · inner`` and its index is ``(o · N + n) · inner + i``
+    for datum ``n``: ``outer = inner = 1`` is a plain batch axis (``[N, S, E]`` has
+    ``dim=0``, ``nn.MultiheadAttention``'s sequence-first ``[S, N, E]`` has ``dim=1``);
+    ``inner > 1`` is the batch merged with a following axis, datum-major (Swin's windows,
+    ``[N · windows, tokens, C]``); ``outer > 1`` merged with a preceding axis
+    (``[S · N, E]``). The remaining entries of all axes but the feature axis are the
+    datum's weight-sharing positions.
+    """
+
+    dim: int = 0
+    outer: int = 1
+    inner: int = 1
+
+    @property
+    def merged(self) -> int:
+        """How many rows of axis ``dim`` belong to one datum."""
+        return self.outer * self.inner
+
+
+@dataclass(frozen=True)
 class OpMatch:
     """One linear or convolution operation found in the graph.
 
@@ -48,6 +71,10 @@ class OpMatch:
         weight_layout: storage orientation of the weight (see :data:`WeightLayout`).
         conv: convolution hyper-parameters (``None`` for linear ops).
         op_nodes: every node that belongs to the op (the op itself, a fused bias add).
+        weight_shape: shape of the weight as the op sees it, when the op consumes a view of
+            the parameter (``F.linear(x, W.view(6, 4))``); ``None``: the stored shape.
+        batch: where the batch lies in the op's input and output (see :class:`BatchAxis`);
+            ``None`` when unknown.
     """
 
     kind: LayerKind
@@ -59,6 +86,8 @@ class OpMatch:
     weight_layout: WeightLayout = "out_in"
     conv: ConvParams | None = None
     op_nodes: tuple[fx.Node, ...] = ()
+    weight_shape: tuple[int, ...] | None = None
+    batch: BatchAxis | None = None
 
 
 @dataclass(frozen=True)
@@ -75,8 +104,11 @@ class LayerInfo:
         node: name of the (first) graph node computing the layer's output.
         nodes: names of all nodes using the weight (more than one: tied weights).
         weight_layout: ``'out_in'`` or ``'in_out'`` (the parameter is stored transposed).
-        weight_shape: shape of the weight parameter as stored.
+        weight_shape: shape of the weight as the op uses it: the stored shape, or the
+            shape the parameter is viewed to before the op (``W.view(6, 4)``).
         conv: convolution hyper-parameters of the first use (``None`` for linear).
+        stored_shape: the parameter's own shape when it differs from ``weight_shape``
+            (a viewed weight), else ``None``.
     """
 
     name: str
@@ -90,6 +122,7 @@ class LayerInfo:
     weight_shape: tuple[int, ...]
     conv: ConvParams | None = None
     matches: tuple[OpMatch, ...] = field(default=(), repr=False, compare=False)
+    stored_shape: tuple[int, ...] | None = None
 
     @property
     def tied(self) -> bool:

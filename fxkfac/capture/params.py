@@ -2,8 +2,11 @@
 
 A parameter reaches an op as a ``get_attr`` node (traced modules), a ``placeholder``
 (functional models ``fn(params, *inputs)``) or through a ``call_module`` node. Ops often
-see it transposed (``W.t()``, ``W.T``, ``W.transpose(0, 1)``): :class:`ParamLookup` resolves
-a node to ``(parameter name, transposed)`` so matchers can tell ``x @ W.T`` from ``x @ W``.
+see it transposed (``W.t()``, ``W.T``, ``W.transpose(0, 1)``) or viewed to another shape
+(``W.view(6, 4)``, ``W.reshape``, ``W.flatten()``, a weight stored flat):
+:class:`ParamLookup` resolves a node to ``(parameter name, transposed, shape)`` so matchers
+can tell ``x @ W.T`` from ``x @ W`` and know the shape the op sees. Views must come before
+transposes (a view of a transposed matrix reorders its entries and is not looked through).
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ _TRANSPOSE_FUNCTIONS = {
 }
 _TRANSPOSE_METHODS = {"t", "transpose", "permute"}
 _IDENTITY_METHODS = {"contiguous"}
+_VIEW_METHODS = {"view", "reshape", "flatten"}
+_VIEW_FUNCTIONS = {
+    torch.reshape,
+    torch.flatten,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.flatten.using_ints,
+}
 _IDENTITY_FUNCTIONS = {aten.alias.default}
 
 
@@ -39,6 +51,8 @@ class ParamRef:
     transposed: bool
     path: tuple[fx.Node, ...]
     """Nodes from the parameter's source node to the node the op consumes."""
+    shape: tuple[int, ...] = ()
+    """Shape of the parameter after the views on the path, before its transposes."""
 
 
 def _swaps_two_dims(node: fx.Node) -> bool:
@@ -53,6 +67,53 @@ def _swaps_two_dims(node: fx.Node) -> bool:
     if target in _TRANSPOSE:
         return len(args) == 2 and {int(a) % 2 for a in args if isinstance(a, int)} == {0, 1}
     return False
+
+
+def _is_view(node: fx.Node) -> bool:
+    """``W.view(...)``, ``W.reshape(...)``, ``W.flatten(...)`` and their ATen forms."""
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    """A transpose of a matrix: ``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)``."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("T", "mT")
+    return (
+        node.op in ("call_method", "call_function")
+        and (node.target in _TRANSPOSE_METHODS or node.target in _TRANSPOSE_FUNCTIONS)
+        and _swaps_two_dims(node)
+    )
+
+
+def _viewed_shape(node: fx.Node, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Shape of ``node``'s output, a view of a tensor of ``shape``; ``None`` if not static."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    args = list(node.args[1:])
+    if node.target in ("flatten", torch.flatten, aten.flatten.using_ints):
+        start = args[0] if args else node.kwargs.get("start_dim", 0)
+        end = args[1] if len(args) > 1 else node.kwargs.get("end_dim", -1)
+        if not (isinstance(start, int) and isinstance(end, int)) or not shape:
+            return None
+        start, end = start % len(shape), end % len(shape)
+        merged = 1
+        for size in shape[start : end + 1]:
+            merged *= size
+        return (*shape[:start], merged, *shape[end + 1 :])
+    sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+    if not sizes:
+        sizes = node.kwargs.get("shape", node.kwargs.get("size", ()))
+    if not all(isinstance(size, int) for size in sizes) or list(sizes).count(-1) > 1:
+        return None
+    known = 1
+    for size in sizes:
+        known *= size if size != -1 else 1
+    if known == 0 or (-1 not in sizes and known != numel) or numel % known:
+        return None
+    return tuple(numel // known if size == -1 else size for size in sizes)
 
 
 def _is_identity(node: fx.Node) -> bool:
@@ -80,44 +141,37 @@ class ParamLookup:
         return tuple(self.params[name].shape)
 
     def resolve(self, node: object) -> ParamRef | None:
-        """Return the parameter a node carries (through transposes of matrices), if any."""
+        """Return the parameter a node carries (through views and transposes), if any."""
         if not isinstance(node, fx.Node):
             return None
         path: list[fx.Node] = []
-        transposed = False
         current = node
         while current not in self.source_nodes:
-            path.append(current)
-            if _is_identity(current):
-                current = current.args[0]
-            elif (
-                current.op in ("call_method", "call_function")
-                and (current.target in _TRANSPOSE_METHODS or current.target in _TRANSPOSE_FUNCTIONS)
-                and _swaps_two_dims(current)
-            ) or (
-                current.op == "call_function" and current.target is getattr and current.args[1] in ("T", "mT")
-            ):
-                transposed = not transposed
-                current = current.args[0]
-            else:
+            if not self.is_transparent(current):
                 return None
+            path.append(current)
+            current = current.args[0]
             if not isinstance(current, fx.Node):
                 return None
         path.append(current)
+        path.reverse()
         name = self.source_nodes[current]
-        if transposed and len(self.shape(name)) != 2:
+        shape, transposed = self.shape(name), False
+        for step in path[1:]:
+            if _is_view(step):
+                viewed = None if transposed else _viewed_shape(step, shape)
+                if viewed is None:
+                    return None
+                shape = viewed
+            elif _is_transpose(step):
+                transposed = not transposed
+        if transposed and len(shape) != 2:
             return None
-        return ParamRef(name=name, transposed=transposed, path=tuple(reversed(path)))
+        return ParamRef(name=name, transposed=transposed, path=tuple(path), shape=shape)
 
     def is_transparent(self, node: fx.Node) -> bool:
         """Whether ``node`` only re-views a parameter (a step :meth:`resolve` looks through)."""
-        if _is_identity(node):
-            return True
-        if node.op in ("call_method", "call_function") and (
-            node.target in _TRANSPOSE_METHODS or node.target in _TRANSPOSE_FUNCTIONS
-        ):
-            return _swaps_two_dims(node)
-        return node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT")
+        return _is_identity(node) or _is_transpose(node) or _is_view(node)
 
 
 ADD_TARGETS = {operator.add, torch.add, "add", aten.add.Tensor}

@@ -81,7 +81,7 @@ def _fused_bias(node: fx.Node, lookup: ParamLookup, out_features: int) -> tuple[
         return None
     other = user.args[1] if user.args[0] is node else user.args[0]
     ref = lookup.resolve(other)
-    if ref is None or ref.transposed or lookup.shape(ref.name) != (out_features,):
+    if ref is None or ref.transposed or ref.shape != (out_features,):
         return None
     return ref.name, user
 
@@ -100,16 +100,16 @@ def _linear(
     weight = lookup.resolve(weight_node)
     if weight is None or not isinstance(input_node, fx.Node) or lookup.resolve(input_node):
         return None
-    if len(lookup.shape(weight.name)) != 2:
+    if len(weight.shape) != 2:
         return None
     out_in = weight.transposed == weight_transposed_means_out_in
     layout = "out_in" if out_in else "in_out"
-    shape = lookup.shape(weight.name)
+    shape = weight.shape
     out_features = shape[0] if out_in else shape[1]
     output, op_nodes, bias_name = node, (node,), None
     if bias_node is not None:
         bias = lookup.resolve(bias_node)
-        if bias is None or bias.transposed or lookup.shape(bias.name) != (out_features,):
+        if bias is None or bias.transposed or bias.shape != (out_features,):
             return None
         bias_name = bias.name
     else:
@@ -126,6 +126,7 @@ def _linear(
         call_form=call_form,
         weight_layout=layout,
         op_nodes=op_nodes,
+        weight_shape=weight.shape,
     )
 
 
@@ -180,8 +181,8 @@ def _functional_conv(ndim: int | None, call_form: str = "function") -> FunctionM
         weight = lookup.resolve(_arg(node, 1, "weight"))
         if weight is None or weight.transposed or not isinstance(input_node, fx.Node):
             return None
-        dims = len(lookup.shape(weight.name)) - 2 if ndim is None else ndim
-        if len(lookup.shape(weight.name)) != dims + 2 or dims not in (1, 2, 3):
+        dims = len(weight.shape) - 2 if ndim is None else ndim
+        if len(weight.shape) != dims + 2 or dims not in (1, 2, 3):
             return None
         bias_node = _arg(node, 2, "bias")
         bias_name = None
@@ -211,6 +212,7 @@ def _functional_conv(ndim: int | None, call_form: str = "function") -> FunctionM
             call_form=call_form,
             conv=conv,
             op_nodes=(node,),
+            weight_shape=weight.shape,
         )
 
     return match

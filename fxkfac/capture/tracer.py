@@ -5,6 +5,8 @@
   convolution modules stay leaves so that their calls are matched as module calls.
 * :func:`trace_function` — ``fn(params: dict[str, Tensor], *inputs)``; each parameter
   becomes a graph placeholder, so the graph is a pure function of parameters and inputs.
+  ``torch.func.functional_call(module, params, inputs)`` inside ``fn`` is traced through
+  (:mod:`fxkfac.capture.functional_call`).
 
 A failed trace raises :class:`~fxkfac.errors.TraceError` naming the model line that failed
 and the ways out (leaf modules, concrete arguments).
@@ -24,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxkfac.capture.decompositions import MODULE_DECOMPOSITIONS
+from fxkfac.capture.functional_call import proxy_functional_call
 from fxkfac.errors import TraceError
 
 PARAM_PLACEHOLDER_META = "fxkfac_param"
@@ -45,7 +48,23 @@ class KFACTracer(fx.Tracer):
         self.leaf_names = {m for m in leaves if isinstance(m, str)}
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        """Trace supported modules through a decomposition (e.g. ``nn.MultiheadAttention``)."""
+        """Trace supported modules through a decomposition (e.g. ``nn.MultiheadAttention``).
+
+        A module built at run time (``nn.Sequential(self.a, nn.Tanh(), self.b)(x)``) is not
+        installed on the model, so it has no qualified name: it is traced through (inlined),
+        and the installed modules it calls keep their names. Such a module with parameters
+        or buffers of its own raises :class:`~fxkfac.errors.TraceError` (they would be
+        constants of the graph, invisible to K-FAC and the optimizer).
+        """
+        if not self._is_installed(m):
+            own = [name for name, _ in m.named_parameters(recurse=False)]
+            own += [name for name, _ in m.named_buffers(recurse=False)]
+            if own:
+                raise TraceError(
+                    f"{type(m).__name__} is created in forward (not installed on the model) and "
+                    f"holds its own tensors {own}: install it as a submodule in __init__"
+                )
+            return forward(*args, **kwargs)
         decomposition = MODULE_DECOMPOSITIONS.get(type(m))
         qualified_name = self.path_of_module(m)
         user_leaf = isinstance(m, self.leaf_types) or qualified_name in self.leaf_names
@@ -54,6 +73,14 @@ class KFACTracer(fx.Tracer):
             if result is not None:
                 return result
         return super().call_module(m, forward, args, kwargs)
+
+    def _is_installed(self, m: nn.Module) -> bool:
+        """Whether ``m`` is the root or one of its submodules (has a qualified name)."""
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return False
+        return True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         """Standard leaves, plus user leaves given by type or qualified name."""
@@ -169,7 +196,8 @@ def trace_function(
     arg_names += [f"input_{i}" for i in range(len(arg_names), num_inputs)]
     inputs = [tracer.create_proxy("placeholder", name, (), {}) for name in arg_names]
     try:
-        output = fn(proxies, *inputs)
+        with proxy_functional_call():
+            output = fn(proxies, *inputs)
         tracer.create_node("output", "output", (tracer.create_arg(output),), {})
     except Exception as exc:
         name = getattr(fn, "__name__", type(fn).__name__)

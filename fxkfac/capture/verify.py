@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxkfac.capture.batch import batch_dependent_nodes, has_model_inputs
 from fxkfac.capture.layer import LayerInfo, OpMatch
 from fxkfac.capture.params import ParamLookup
 from fxkfac.capture.patterns import match_node
@@ -101,6 +102,11 @@ def _merge(matches: list[OpMatch], shape: tuple[int, ...]) -> LayerInfo | str:
                     f"different {attribute} ({getattr(first, attribute)} vs "
                     f"{getattr(other, attribute)}): no single Kronecker factor pair fits both"
                 )
+        if (other.weight_shape or shape) != (first.weight_shape or shape):
+            return (
+                f"tied weight viewed to different shapes by {first.node.name} and "
+                f"{other.node.name}: no single Kronecker factor pair fits both"
+            )
         if (first.conv and first.conv.groups) != (other.conv and other.conv.groups):
             return f"tied weight used by convolutions with different groups ({first.node.name})"
     return LayerInfo(
@@ -112,9 +118,10 @@ def _merge(matches: list[OpMatch], shape: tuple[int, ...]) -> LayerInfo | str:
         node=first.node.name,
         nodes=tuple(m.node.name for m in matches),
         weight_layout=first.weight_layout,
-        weight_shape=shape,
+        weight_shape=first.weight_shape or shape,
         conv=first.conv,
         matches=tuple(matches),
+        stored_shape=shape if first.weight_shape not in (None, shape) else None,
     )
 
 
@@ -175,6 +182,16 @@ def find_layers(
         for user in users:
             if (user, name) not in captured_uses:
                 uncaptured.setdefault(name, _reason_for_use(user, name, gm))
+    if has_model_inputs(gm.graph):
+        dependent = batch_dependent_nodes(gm.graph)
+        for match in matches:
+            if match.input not in dependent:
+                uncaptured.setdefault(
+                    match.weight,
+                    f"the input of {match.node.name} does not depend on the model inputs: it has "
+                    "no batch axis (computed from parameters and buffers only, then broadcast "
+                    "over the batch), so there are no per-datum inputs and output gradients",
+                )
 
     by_weight: dict[str, list[OpMatch]] = defaultdict(list)
     for match in matches:

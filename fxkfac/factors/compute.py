@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from fxkfac.capture.capture import Capture
 from fxkfac.curvature.losses import LossRule, loss_rule
 from fxkfac.errors import CaptureError
+from fxkfac.factors.positions import data_count, datum_major
 from fxkfac.factors.registry import factor_rule, gram, gram_with_ones
 
 
@@ -101,7 +102,7 @@ def compute_factors(
     rule = loss_rule(loss_func)
     rule.check(prediction, targets)
     check_batch(prediction)
-    inputs = input_factors(capture, rule.reduction_factor(prediction), approx, diagonal)
+    inputs = input_factors(capture, rule.reduction_factor(prediction), approx, diagonal, prediction.shape[0])
     if fisher is FisherType.FORWARD_ONLY:
         grads = identity_factors(capture, diagonal)
     else:
@@ -163,8 +164,13 @@ def input_factors(
     reduction_factor: float,
     approx: KFACApprox,
     diagonal: frozenset[str] = frozenset(),
+    batch_size: int | None = None,
 ) -> dict[int, Tensor]:
-    """``A`` of every layer: ``[D_A, D_A]``, ``[G, D_A, D_A]`` with groups, ``[D_A]`` if diagonal."""
+    """``A`` of every layer: ``[D_A, D_A]``, ``[G, D_A, D_A]`` with groups, ``[D_A]`` if diagonal.
+
+    ``reduce`` groups each use's rows by datum with its ``BatchAxis`` (see
+    :mod:`fxkfac.factors.positions`); ``batch_size`` is only read for unknown layouts.
+    """
     factors = {}
     for index in layer_indices(capture):
         layer = capture.layers[index]
@@ -175,7 +181,13 @@ def input_factors(
             if layer_input is None:
                 raise CaptureError(f"layer {layer.name} was not recorded in this forward pass")
             x = layer_input.detach()
-            features.append(rule.input_features(x.to(_accumulation_dtype(x.dtype)), layer, use))
+            if approx is KFACApprox.REDUCE:
+                x = datum_major(x, use.batch)
+            feature = rule.input_features(x.to(_accumulation_dtype(x.dtype)), layer, use)
+            if approx is KFACApprox.REDUCE:  # [N m, S, G, D] -> [N, m S, G, D]
+                data = data_count(feature.shape[0], use.batch, batch_size, layer)
+                feature = feature.reshape(data, -1, *feature.shape[2:])
+            features.append(feature)
         if approx is KFACApprox.REDUCE:
             positions = sum(f.shape[1] for f in features)
             rows = sum(f.sum(dim=1) for f in features) / positions  # [N, G, D]
@@ -280,6 +292,8 @@ class GradFactorAccumulator:
         self.approx = approx
         self.diagonal = diagonal
         self.sums: dict[int, Tensor] = {}
+        self.data: dict[int, int] = {}
+        """``N`` per layer (``reduce``), read off the datum-major gradient rows."""
 
     def add(self, grads_by_slot: dict[int, Tensor | None], num_vectors: int) -> None:
         """Add gradients ``[K, *z.shape]`` per tap slot (``None``: the output is unused)."""
@@ -288,13 +302,20 @@ class GradFactorAccumulator:
             layer = capture.layers[index]
             rule = factor_rule(layer.kind)
             per_use = []
-            for slot in capture.slots_of(index):
+            for slot, use in zip(capture.slots_of(index), layer.matches, strict=True):
                 grads = grads_by_slot.get(slot)
                 if grads is None:
                     x = capture.inputs[slot]
                     grads = x.new_zeros((num_vectors, *capture.output_shapes[slot]))
                 grads = grads.detach().to(_accumulation_dtype(grads.dtype))
-                per_use.append(rule.output_gradients(grads, layer))  # [K, N, S, G, D]
+                if self.approx is KFACApprox.REDUCE:
+                    grads = datum_major(grads, use.batch, offset=1)
+                rows = rule.output_gradients(grads, layer)  # [K, N, S, G, D]
+                if self.approx is KFACApprox.REDUCE:  # [K, N m, S, G, D] -> [K, N, m S, G, D]
+                    data = data_count(rows.shape[1], use.batch, capture_batch_size(capture), layer)
+                    rows = rows.reshape(rows.shape[0], data, -1, *rows.shape[3:])
+                    self.data[index] = data
+                per_use.append(rows)
             if self.approx is KFACApprox.REDUCE:
                 rows = sum(u.sum(dim=2) for u in per_use).flatten(0, 1)  # [K N, G, D]
             else:
@@ -309,11 +330,20 @@ class GradFactorAccumulator:
             layer = self.capture.layers[index]
             slots = self.capture.slots_of(index)
             if self.approx is KFACApprox.REDUCE:
-                count = self.capture.output_shapes[slots[0]][0]
+                count = self.data[index]
             else:
                 count = sum(_rows(self.capture.output_shapes[slot], layer) for slot in slots)
             factors[index] = _ungroup(total / count, layer.groups)
         return factors
+
+
+def capture_batch_size(capture: Capture) -> int | None:
+    """``N`` of the captured forward (the prediction's leading axis), if it can be told."""
+    try:
+        prediction = capture.prediction
+    except CaptureError:
+        return None
+    return prediction.shape[0] if prediction.ndim else None
 
 
 def _rows(shape: torch.Size, layer) -> int:

@@ -1,0 +1,184 @@
+"""Where the batch lies in every layer's input and output.
+
+K-FAC's ``kfac_approx='reduce'`` averages a layer's inputs over the positions of *one datum*
+and sums its output gradients over them, so it must know which entries of ``x`` belong to
+datum ``n``. The factor rules read ``x: [N, ..., D_in]`` with the batch leading; that is not
+what every graph does: under ``torch.export`` ``nn.MultiheadAttention``'s ``in_proj`` sees
+``[S, N, E]`` and its ``out_proj`` ``[S · N, E]``, and Swin's ``qkv`` sees
+``[N · windows, tokens, C]``. This module finds out, per use of a layer:
+
+* :func:`batch_dependent_nodes` — statically, which graph nodes depend on a model input at
+  all. A layer whose input does not (swin_v2's ``cpb_mlp`` maps a parameter table to an
+  attention bias broadcast over the batch) has no per-datum inputs: it is not captured.
+* :func:`probe_batch_axes` — with example inputs, a :class:`~fxkfac.capture.layer.BatchAxis`
+  per use: the compiled module runs twice without gradients, the second time with datum 0
+  of the inputs perturbed. Among the layouts the input shape allows (each axis but the
+  feature axis, each split ``outer · N · inner`` of it), the one whose datum-0 entries hold
+  most of the change is datum 0's. Both runs use the same random state and the module's
+  buffers are restored, so the probe changes nothing.
+
+Without example inputs the layout is unknown and the rules keep the leading-axis convention
+(a batch merged into the leading axis is taken datum-major); the factor driver warns when
+the leading axis is not a multiple of the batch size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from fxkfac.capture.layer import BatchAxis, LayerInfo
+from fxkfac.capture.tracer import PARAM_PLACEHOLDER_META
+
+_DOMINANT = 0.5
+"""Share of the change a layout's datum-0 entries must hold to be trusted."""
+
+
+def batch_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on a model input (a placeholder that is not a parameter)."""
+    dependent: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if PARAM_PLACEHOLDER_META not in node.meta:
+                dependent.add(node)
+        elif any(arg in dependent for arg in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def has_model_inputs(graph: fx.Graph) -> bool:
+    """Whether the graph takes any input besides parameters."""
+    return any(n.op == "placeholder" and PARAM_PLACEHOLDER_META not in n.meta for n in graph.nodes)
+
+
+def _candidates(shape: Sequence[int], batch: int, kind: str) -> list[BatchAxis]:
+    """Layouts ``x``'s shape allows: each non-feature axis, each ``outer · N · inner`` split."""
+    axes = range(1) if kind != "linear" else range(max(len(shape) - 1, 0))
+    layouts = []
+    for dim in axes:
+        if shape[dim] % batch:
+            continue
+        merged = shape[dim] // batch
+        for outer in range(1, merged + 1):
+            if merged % outer == 0:
+                layouts.append(BatchAxis(dim, outer, merged // outer))
+    return layouts
+
+
+def datum_rows(size: int, batch: int, layout: BatchAxis, datum: int = 0) -> Tensor:
+    """Indices along ``layout.dim`` (of size ``size``) that belong to ``datum``."""
+    outer = torch.arange(layout.outer).unsqueeze(1) * batch + datum
+    rows = outer * layout.inner + torch.arange(layout.inner)
+    return rows.flatten()
+
+
+def choose_layout(change: Tensor, batch: int, kind: str) -> BatchAxis | None:
+    """The layout whose datum-0 entries hold most of ``change`` (``[*x.shape]``, ≥ 0)."""
+    total = float(change.sum())
+    if total == 0.0 or change.ndim == 0:
+        return None
+    best, best_share = None, _DOMINANT
+    for layout in _candidates(change.shape, batch, kind):
+        along = change.movedim(layout.dim, 0).flatten(1).sum(1)
+        share = float(along[datum_rows(change.shape[layout.dim], batch, layout)].sum()) / total
+        if share > best_share + 1e-9:
+            best, best_share = layout, share
+    return best
+
+
+def _perturb_datum_zero(inputs: Sequence[Any], batch: int) -> tuple[Any, ...]:
+    """Copies of ``inputs`` with datum 0 of every floating batched tensor changed."""
+    generator = torch.Generator().manual_seed(0)
+    perturbed = []
+    for value in inputs:
+        if isinstance(value, Tensor) and value.is_floating_point() and value.ndim and value.shape[0] == batch:
+            noise = torch.randn(value.shape[1:], generator=generator, dtype=value.dtype).to(value.device)
+            value = value.clone()
+            value[0] += noise * (value[0].std() if value[0].numel() > 1 else 1.0) + noise
+        perturbed.append(value)
+    return tuple(perturbed)
+
+
+def _batch_size(inputs: Sequence[Any]) -> int | None:
+    for value in inputs:
+        if isinstance(value, Tensor) and value.ndim:
+            return value.shape[0]
+    return None
+
+
+def _run(module: nn.Module, inputs: Sequence[Any], devices: list[torch.device]) -> Any:
+    with torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return module(*inputs)
+
+
+def probe_batch_axes(
+    compiled: nn.Module,
+    layers: Sequence[LayerInfo],
+    example_inputs: Sequence[Any],
+    leading: Sequence[Tensor] = (),
+) -> list[tuple[BatchAxis | None, ...]] | None:
+    """Per layer, the :class:`BatchAxis` of each use, found by perturbing datum 0.
+
+    Args:
+        compiled: the rewritten graph module for ``layers``:
+            ``out, capture = compiled(*leading, *example_inputs)``.
+        layers: its layers.
+        example_inputs: inputs of one forward pass; the batch is the first tensor's axis 0.
+        leading: arguments before the inputs (a functional model's parameter values).
+
+    Returns:
+        ``None`` when no layout can be probed (no floating batched input, a batch of one,
+        or the forward fails); else, per layer, per use, a layout or ``None`` (unknown).
+    """
+    batch = _batch_size(example_inputs)
+    if batch is None or batch < 2:
+        return None
+    perturbed = _perturb_datum_zero(example_inputs, batch)
+    if all(a is b for a, b in zip(perturbed, example_inputs, strict=True)):
+        return None
+    state = {name: buffer.clone() for name, buffer in compiled.named_buffers()}
+    devices = list({t.device for t in example_inputs if isinstance(t, Tensor)})
+    try:
+        _, reference = _run(compiled, (*leading, *example_inputs), devices)
+        _, probed = _run(compiled, (*leading, *perturbed), devices)
+    except Exception as error:  # a model that cannot run twice: keep the convention
+        warnings.warn(f"fxkfac could not probe the batch axes of the layer inputs: {error}", stacklevel=3)
+        return None
+    finally:
+        with torch.no_grad():
+            for name, buffer in compiled.named_buffers():
+                buffer.copy_(state[name])
+    layouts: list[tuple[BatchAxis | None, ...]] = []
+    slot = 0
+    for layer in layers:
+        per_use = []
+        for _ in layer.matches:
+            x, y = reference.inputs[slot], probed.inputs[slot]
+            slot += 1
+            if x is None or y is None or x.shape != y.shape or not x.is_floating_point():
+                per_use.append(None)
+                continue
+            change = (y.double() - x.double()).abs()
+            per_use.append(choose_layout(change, batch, layer.kind))
+        layouts.append(tuple(per_use))
+    return layouts
+
+
+def with_batch_axes(
+    layers: Sequence[LayerInfo], layouts: Sequence[tuple[BatchAxis | None, ...]]
+) -> list[LayerInfo]:
+    """``layers`` with each use's :attr:`~fxkfac.capture.layer.OpMatch.batch` set."""
+    return [
+        replace(
+            layer, matches=tuple(replace(m, batch=b) for m, b in zip(layer.matches, per_use, strict=True))
+        )
+        for layer, per_use in zip(layers, layouts, strict=True)
+    ]

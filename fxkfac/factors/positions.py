@@ -1,0 +1,68 @@
+"""Bring a use's inputs and output gradients to datum-major rows for ``kfac_approx='reduce'``.
+
+The factor rules read the leading axis of ``x`` (``[M, ..., D_in]``, ``[M, C_in, *S]``) as
+rows and the driver groups ``M = N · m`` rows into ``N`` data of ``m`` rows each. That needs
+the datum's rows to be contiguous and leading: :func:`datum_major` moves the batch axis of
+a use's :class:`~fxkfac.capture.layer.BatchAxis` to the front and reorders a batch merged
+behind another axis (``[S · N, E]``) to datum-major (``[N · S, E]``). ``expand`` sums over
+all rows and needs none of this.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import Tensor
+
+from fxkfac.capture.layer import BatchAxis, LayerInfo
+
+
+def datum_major(values: Tensor, layout: BatchAxis | None, offset: int = 0) -> Tensor:
+    """``values`` with its batch rows at axis ``offset``, datum-major.
+
+    Args:
+        values: a use's input ``[*x.shape]`` (``offset=0``) or output gradients
+            ``[K, *z.shape]`` (``offset=1``).
+        layout: the use's batch layout; ``None`` (unknown) keeps the leading axis.
+        offset: number of leading axes before the layer's own axes.
+
+    Returns:
+        A tensor whose axis ``offset`` has ``N · m`` rows, datum ``n`` owning rows
+        ``[n m, (n + 1) m)``; the other axes keep their order.
+    """
+    if layout is None or layout.dim >= values.ndim - offset:
+        return values
+    dim = layout.dim + offset
+    if dim != offset:
+        values = values.movedim(dim, offset)
+    if layout.outer > 1:
+        batch = values.shape[offset] // layout.merged
+        values = values.unflatten(offset, (layout.outer, batch, layout.inner))
+        values = values.transpose(offset, offset + 1).flatten(offset, offset + 2)
+    return values
+
+
+def data_count(rows: int, layout: BatchAxis | None, batch_size: int | None, layer: LayerInfo) -> int:
+    """``N``: the number of data among ``rows`` datum-major rows of one use.
+
+    With an unknown layout the rows are taken as ``N · m`` datum-major when the batch size
+    divides them (with a warning unless ``m = 1``), else as ``N = rows`` (each row a datum).
+    """
+    if layout is not None:
+        return rows // layout.merged
+    if batch_size is None or rows == batch_size:
+        return rows
+    if rows % batch_size == 0:
+        warnings.warn(
+            f"layer {layer.name}: batch layout unknown (compile with example_inputs= to probe it); "
+            f"kfac_approx='reduce' reads its {rows} leading rows as {batch_size} data of "
+            f"{rows // batch_size} consecutive rows each",
+            stacklevel=4,
+        )
+        return batch_size
+    warnings.warn(
+        f"layer {layer.name}: batch layout unknown and its leading axis ({rows}) is not a "
+        f"multiple of the batch size ({batch_size}); kfac_approx='reduce' treats each row as a datum",
+        stacklevel=4,
+    )
+    return rows
