@@ -13,9 +13,9 @@ what every graph does: under ``torch.export`` ``nn.MultiheadAttention``'s ``in_p
 * :func:`probe_batch_axes` — with example inputs, a :class:`~fxkfac.capture.layer.BatchAxis`
   per use: the compiled module runs twice without gradients, the second time with datum 0
   of the inputs perturbed. Among the layouts the input shape allows (each axis but the
-  feature axis, each split ``outer · N · inner`` of it), the one whose datum-0 entries hold
-  most of the change is datum 0's. Both runs use the same random state and the module's
-  buffers are restored, so the probe changes nothing.
+  feature axis, each split ``outer · N · inner`` of it), the one under which datum 0's
+  entries change clearly more than any other datum's is the batch layout. Both runs use
+  the same random state and the module's buffers are restored, so the probe changes nothing.
 
 Without example inputs the layout is unknown and the rules keep the leading-axis convention
 (a batch merged into the leading axis is taken datum-major); the factor driver warns when
@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from fxkfac.capture.layer import BatchAxis, LayerInfo
 from fxkfac.capture.tracer import PARAM_PLACEHOLDER_META
 
-_DOMINANT = 0.5
-"""Share of the change a layout's datum-0 entries must hold to be trusted."""
+_DOMINANT = 2.0
+"""How many times the change of any other datum datum 0's change must be, to trust a layout."""
 
 
 def batch_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -71,24 +71,28 @@ def _candidates(shape: Sequence[int], batch: int, kind: str) -> list[BatchAxis]:
     return layouts
 
 
-def datum_rows(size: int, batch: int, layout: BatchAxis, datum: int = 0) -> Tensor:
-    """Indices along ``layout.dim`` (of size ``size``) that belong to ``datum``."""
-    outer = torch.arange(layout.outer).unsqueeze(1) * batch + datum
-    rows = outer * layout.inner + torch.arange(layout.inner)
-    return rows.flatten()
+def _datum_masses(change: Tensor, batch: int, layout: BatchAxis) -> Tensor:
+    """``[N]``: the change each datum's entries hold if ``layout`` were the batch layout."""
+    along = change.movedim(layout.dim, 0).flatten(1).sum(1)  # [outer · N · inner]
+    return along.view(layout.outer, batch, layout.inner).sum((0, 2))
 
 
 def choose_layout(change: Tensor, batch: int, kind: str) -> BatchAxis | None:
-    """The layout whose datum-0 entries hold most of ``change`` (``[*x.shape]``, ≥ 0)."""
-    total = float(change.sum())
-    if total == 0.0 or change.ndim == 0:
+    """The layout under which datum 0 holds clearly the most of ``change`` (``[*x.shape]``, ≥ 0).
+
+    Under the true layout only datum 0's entries change, or they dominate: a layer after a
+    training-mode batch norm sees every datum change a little. A layout scores datum 0's
+    change over the largest change of another datum; it must reach :data:`_DOMINANT`.
+    """
+    if change.ndim == 0 or float(change.sum()) == 0.0:
         return None
-    best, best_share = None, _DOMINANT
+    best, best_score = None, _DOMINANT
     for layout in _candidates(change.shape, batch, kind):
-        along = change.movedim(layout.dim, 0).flatten(1).sum(1)
-        share = float(along[datum_rows(change.shape[layout.dim], batch, layout)].sum()) / total
-        if share > best_share + 1e-9:
-            best, best_share = layout, share
+        masses = _datum_masses(change, batch, layout)
+        others = float(masses[1:].max())
+        score = float("inf") if others == 0.0 else float(masses[0]) / others
+        if score > best_score:
+            best, best_score = layout, score
     return best
 
 
