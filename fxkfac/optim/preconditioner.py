@@ -415,7 +415,15 @@ class KFACPreconditioner:
             warnings.warn("non-finite gradients: K-FAC step skipped", RuntimeWarning, stacklevel=2)
             return {"skipped": "non-finite gradients"}
         stats = self.update(capture)
-        for name, natural in self.precondition(matrices).items():
+        naturals = self.precondition(matrices)
+        if not all(torch.isfinite(n).all() for n in naturals.values()):
+            warnings.warn(
+                "non-finite K-FAC direction (increase damping): .grad left as the loss gradient",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return {**stats, "skipped": "non-finite update"}
+        for name, natural in naturals.items():
             self.write(name, natural)
         return stats
 

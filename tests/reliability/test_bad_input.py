@@ -257,6 +257,23 @@ def test_undamped_singular_factor_never_writes_non_finite_values():
     assert all(inverse.is_finite() for inverse in opt.preconditioner.inverses.values())
 
 
+def test_undamped_singular_factor_leaves_grad_alone_in_the_preconditioner():
+    """Used with another optimizer, the preconditioner never writes a non-finite ``.grad``."""
+    torch.manual_seed(0)
+    model = MLP(bias=False)
+    x, y = rank_one_batch()
+    kmod = fxkfac.compile(model, example_inputs=(x,))
+    pre = fxkfac.KFACPreconditioner(kmod, LOSS, damping=0.0, inverse="cholesky", fisher_type="type-2")
+    out, cap = kmod(x)
+    LOSS(out, y).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    with pytest.warns(RuntimeWarning, match="non-finite K-FAC direction"):
+        stats = pre.step(cap)
+    assert stats["skipped"] == "non-finite update"
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+
+
 def test_undamped_singular_factor_with_eigh_pseudo_inverse_trains():
     """The documented fix: ``inverse='eigh'`` with ``tol > 0`` discards the null directions."""
     torch.manual_seed(0)
