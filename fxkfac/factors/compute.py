@@ -148,11 +148,11 @@ def layer_indices(capture: Capture) -> list[int]:
     return sorted(set(capture.slot_layers))
 
 
-def _outer(rows: Tensor, diagonal: bool) -> Tensor:
-    """``Σ_m r_m r_mᵀ`` per group for rows ``[M, G, D]`` -> ``[G, D, D]`` (or ``[G, D]``)."""
+def _outer(rows: Tensor, diagonal: bool, scale: float = 1.0) -> Tensor:
+    """``scale · Σ_m r_m r_mᵀ`` per group for rows ``[M, G, D]`` -> ``[G, D, D]`` (or ``[G, D]``)."""
     if diagonal:
-        return rows.square().sum(0)
-    return gram(rows)
+        return rows.square().sum(0).mul_(scale)
+    return gram(rows, scale)
 
 
 def _ungroup(factor: Tensor, groups: int) -> Tensor:
@@ -197,11 +197,11 @@ def input_factors(
                 if len(features) == 1
                 else torch.cat([f.flatten(0, 1) for f in features])
             )
+        # R is folded into the GEMM (alpha): no extra pass over, or copy of, a large factor
         if layer.bias is not None:  # x̃ = [x; 1]; mean of the ones is 1 for reduce too
-            factor = gram_with_ones(rows, rows.shape[0], layer.name in diagonal)
+            factor = gram_with_ones(rows, rows.shape[0], layer.name in diagonal, reduction_factor)
         else:
-            factor = _outer(rows, layer.name in diagonal)
-        factor = factor * reduction_factor
+            factor = _outer(rows, layer.name in diagonal, reduction_factor)
         factors[index] = _ungroup(factor, layer.groups)
     return factors
 

@@ -51,33 +51,54 @@ def factor_rule(kind: str) -> FactorRule:
         ) from None
 
 
-def gram_with_ones(rows: Tensor, count: int | Tensor, diagonal: bool = False) -> Tensor:
-    """``Σ_m x̃_m x̃_mᵀ`` with ``x̃ = [x; 1]``, without materializing the column of ones.
+def gram_with_ones(rows: Tensor, count: int | Tensor, diagonal: bool = False, scale: float = 1.0) -> Tensor:
+    """``scale · Σ_m x̃_m x̃_mᵀ`` with ``x̃ = [x; 1]``, without materializing the column of ones.
+
+    The ``XᵀX`` block is written by one GEMM straight into the result (``scale`` as its
+    ``alpha``): no temporary ``[D, D]`` copy and no extra pass to scale, which matters for
+    large factors (a fresh 85 MB block costs ~20 ms of page faults on CPU).
 
     Args:
         rows: ``[M, G, D]`` feature rows.
         count: ``Σ_m 1·1`` — the number of rows (or their total weight).
         diagonal: return the diagonal ``[G, D + 1]`` only.
+        scale: factor applied to every entry (the reduction factor ``R``).
 
     Returns:
-        ``[G, D + 1, D + 1]`` (or ``[G, D + 1]``): ``[[XᵀX, Xᵀ1], [1ᵀX, count]]``.
+        ``[G, D + 1, D + 1]`` (or ``[G, D + 1]``): ``scale · [[XᵀX, Xᵀ1], [1ᵀX, count]]``.
     """
     groups, dim = rows.shape[1], rows.shape[2]
-    total = torch.as_tensor(count, dtype=rows.dtype, device=rows.device).expand(groups, 1)
+    total = torch.as_tensor(count, dtype=rows.dtype, device=rows.device).expand(groups, 1) * scale
     if diagonal:
-        return torch.cat([rows.square().sum(0), total], dim=1)
+        return torch.cat([rows.square().sum(0).mul_(scale), total], dim=1)
     out = rows.new_empty(groups, dim + 1, dim + 1)
-    out[:, :dim, :dim] = gram(rows)
-    column = rows.sum(0)  # [G, D]
+    gram(rows, scale, out=out[:, :dim, :dim])
+    column = rows.sum(0).mul_(scale)  # [G, D]
     out[:, :dim, dim] = column
     out[:, dim, :dim] = column
     out[:, dim, dim] = total[:, 0]
     return out
 
 
-def gram(rows: Tensor) -> Tensor:
-    """``Σ_m r_m r_mᵀ`` per group: ``[M, G, D] -> [G, D, D]`` (one GEMM when ``G = 1``)."""
+def gram(rows: Tensor, scale: float = 1.0, out: Tensor | None = None) -> Tensor:
+    """``scale · Σ_m r_m r_mᵀ`` per group: ``[M, G, D] -> [G, D, D]`` (one GEMM when ``G = 1``).
+
+    Args:
+        rows: ``[M, G, D]`` rows.
+        scale: factor applied to the result (folded into the GEMM's ``alpha``).
+        out: optional ``[G, D, D]`` tensor (may be a strided view) to write the result into.
+    """
     if rows.shape[1] == 1:
         flat = rows[:, 0, :]
-        return (flat.T @ flat).unsqueeze(0)
-    return torch.einsum("mgi,mgj->gij", rows, rows)
+        if out is None:
+            out = rows.new_empty(1, flat.shape[1], flat.shape[1])
+        target = out[0]
+        torch.addmm(target, flat.T, flat, beta=0, alpha=scale, out=target)
+        return out
+    result = torch.einsum("mgi,mgj->gij", rows, rows)
+    if scale != 1.0:
+        result.mul_(scale)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
