@@ -55,6 +55,18 @@ class GroupedConv(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
+class Tied(nn.Module):
+    """One weight used twice in a row (both uses are weight-sharing positions of one layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
 
@@ -65,6 +77,12 @@ def case(name: str, n: int = 7):
     if name == "mlp":
         model, x = mlp(), torch.randn(n, 4, generator=generator)
         layers = {"0": ("0.weight", "0.bias", "out_in"), "2": ("2.weight", "2.bias", "out_in")}
+    elif name == "tied":
+        model, x = Tied(), torch.randn(n, 4, generator=generator)
+        layers = {
+            "shared": ("shared.weight", "shared.bias", "out_in"),
+            "head": ("head.weight", "head.bias", "out_in"),
+        }
     elif name == "sequence":
         model, x = Sequence(), torch.randn(n, 3, 4, generator=generator)
         layers = {
@@ -130,7 +148,7 @@ def per_example_gradients(model, layer, x, y, loss_func) -> Tensor:
 # (1) corrected eigenvalues against exact references
 
 
-@pytest.mark.parametrize("name", ["mlp", "sequence", "grouped-conv"])
+@pytest.mark.parametrize("name", ["mlp", "sequence", "tied", "grouped-conv"])
 def test_corrected_eigenvalues_equal_projected_ggn(name):
     model, layers, x, y, loss_func = case(name)
     pre, _ = preconditioner_step(model, x, y, loss_func, fisher_type="type-2")
@@ -154,7 +172,7 @@ def test_corrected_eigenvalues_equal_projected_ggn(name):
             assert off_diagonal.abs().max() < 1e-10 * factor.abs().max()
 
 
-@pytest.mark.parametrize("name", ["mlp", "sequence", "grouped-conv"])
+@pytest.mark.parametrize("name", ["mlp", "sequence", "tied", "grouped-conv"])
 def test_corrected_eigenvalues_equal_per_example_gradients(name):
     """Empirical Fisher: ``s = R Σ_n (Q_Bᵀ G_n Q_A)²`` with ``G_n`` from ``vmap(grad)``."""
     model, layers, x, y, loss_func = case(name)
