@@ -155,6 +155,24 @@ def _outer(rows: Tensor, diagonal: bool, scale: float = 1.0) -> Tensor:
     return gram(rows, scale)
 
 
+def _outer_over_positions(rows: Tensor, diagonal: bool) -> Tensor:
+    """``Σ_{k,n,s} r rᵀ`` per group for ``rows: [K, N, S, G, D]`` -> ``[G, D, D]`` (or ``[G, D]``).
+
+    When the positions are the fastest axis in memory (conv output gradients
+    ``[K, N, C, *spatial]``) and ``S ≥ D``, one batched GEMM ``[D, S] @ [S, D]`` per sample
+    plus a sum avoids copying the gradients into row-major ``[K N S, D]`` (the intermediate
+    ``[K N, D, D]`` is no larger than the gradients). Measured on a 2-core CPU,
+    ``[10, 64, 32, 32²]`` (type-2, small CNN): 93 -> 13 ms.
+    """
+    k, n, s, g, d = rows.shape
+    if not diagonal and g == 1 and s >= d:
+        per_sample = rows[:, :, :, 0, :].transpose(2, 3)  # [K, N, D, S]
+        if per_sample.is_contiguous():
+            per_sample = per_sample.reshape(k * n, d, s)
+            return (per_sample @ per_sample.mT).sum(0).unsqueeze(0)
+    return _outer(rows.flatten(0, 2), diagonal)
+
+
 def _ungroup(factor: Tensor, groups: int) -> Tensor:
     return factor[0] if groups == 1 else factor
 
@@ -316,11 +334,14 @@ class GradFactorAccumulator:
                     rows = rows.reshape(rows.shape[0], data, -1, *rows.shape[3:])
                     self.data[index] = data
                 per_use.append(rows)
+            diagonal = layer.name in self.diagonal
             if self.approx is KFACApprox.REDUCE:
                 rows = sum(u.sum(dim=2) for u in per_use).flatten(0, 1)  # [K N, G, D]
+                outer = _outer(rows, diagonal)
+            elif len(per_use) == 1:  # no concatenation copy for the usual single use
+                outer = _outer_over_positions(per_use[0], diagonal)
             else:
-                rows = torch.cat([u.flatten(0, 2) for u in per_use])  # [K N S, G, D]
-            outer = _outer(rows, layer.name in self.diagonal)
+                outer = _outer(torch.cat([u.flatten(0, 2) for u in per_use]), diagonal)  # [K N S, G, D]
             self.sums[index] = outer if index not in self.sums else self.sums[index] + outer
 
     def result(self) -> dict[int, Tensor]:
