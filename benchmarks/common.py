@@ -56,6 +56,42 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
+def _status_kib(key: str) -> int:
+    """A ``VmRSS`` / ``VmHWM`` entry of ``/proc/self/status`` in KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_peak_increase_bytes(fn: Callable[[], object]) -> int:
+    """Peak resident memory while ``fn`` runs, above the resident memory before it (Linux).
+
+    Resets the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``), runs ``fn``
+    and reads ``VmHWM``; free heap memory is first returned to the system (glibc
+    ``malloc_trim``) so that reusing it counts. Call it in a fresh process (see
+    :func:`in_fresh_process`) so that little earlier work is cached at all.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand cached free heap back: reuse must fault
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def in_fresh_process(target: Callable[..., object], *args: object) -> object:
+    """``target(*args)`` in a new spawned Python process; returns its result."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(target, args)
+
+
 def machine() -> dict[str, object]:
     """What the numbers were measured on."""
     return {
