@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxkfac.capture.batch import probe_batch_axes, with_batch_axes
-from fxkfac.capture.rewrite import insert_captures
+from fxkfac.capture.rewrite import CAPTURE_MODULE, insert_captures
 from fxkfac.capture.tracer import trace_export, trace_function, trace_module
 from fxkfac.capture.verify import find_layers
 from fxkfac.compiled import CompiledModule, parameters_of
@@ -117,7 +117,7 @@ def compile(
         layouts = probe_batch_axes(rewritten, layers, tuple(example_inputs), leading)
         if layouts is not None:
             layers = with_batch_axes(layers, layouts)
-            rewritten = insert_captures(gm, layers)
+            rewritten.get_submodule(CAPTURE_MODULE).layers = tuple(layers)
     return CompiledModule(
         rewritten, layers, uncaptured, all_params, functional_params, tracer_used, traced=gm
     )

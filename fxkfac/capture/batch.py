@@ -39,6 +39,10 @@ from fxkfac.capture.tracer import PARAM_PLACEHOLDER_META
 _DOMINANT = 2.0
 """How many times the change of any other datum datum 0's change must be, to trust a layout."""
 
+PROBE_BATCH = 4
+"""Data the probe runs on: layouts do not depend on the batch size, so a slice of the example
+batch suffices (the whole batch only if the model cannot run on the slice)."""
+
 
 def batch_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose value depends on a model input (a placeholder that is not a parameter)."""
@@ -109,6 +113,14 @@ def _perturb_datum_zero(inputs: Sequence[Any], batch: int) -> tuple[Any, ...]:
     return tuple(perturbed)
 
 
+def _slice_batch(inputs: Sequence[Any], batch: int, size: int) -> tuple[Any, ...]:
+    """``inputs`` with every tensor of leading axis ``batch`` cut to its first ``size`` data."""
+    return tuple(
+        value[:size] if isinstance(value, Tensor) and value.ndim and value.shape[0] == batch else value
+        for value in inputs
+    )
+
+
 def _batch_size(inputs: Sequence[Any]) -> int | None:
     for value in inputs:
         if isinstance(value, Tensor) and value.ndim:
@@ -121,6 +133,33 @@ def _run(module: nn.Module, inputs: Sequence[Any], devices: list[torch.device]) 
         torch.manual_seed(0)
         with torch.no_grad():
             return module(*inputs)
+
+
+def _run_twice(
+    compiled: nn.Module, inputs: tuple[Any, ...], batch: int, leading: Sequence[Tensor]
+) -> tuple[Any, Any] | None:
+    """Captures of a run on ``inputs`` and of one with datum 0 perturbed.
+
+    Runs in eval mode (training-mode batch norm would spread datum 0's change over the small
+    probe batch); ``None`` when nothing can be perturbed. Buffers and modes are restored.
+    """
+    perturbed = _perturb_datum_zero(inputs, batch)
+    if all(a is b for a, b in zip(perturbed, inputs, strict=True)):
+        return None
+    state = {name: buffer.clone() for name, buffer in compiled.named_buffers()}
+    modes = {module: module.training for module in compiled.modules()}
+    devices = list({t.device for t in inputs if isinstance(t, Tensor)})
+    compiled.eval()  # batch norm on running statistics: no datum sees another's change
+    try:
+        _, reference = _run(compiled, (*leading, *inputs), devices)
+        _, probed = _run(compiled, (*leading, *perturbed), devices)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        with torch.no_grad():
+            for name, buffer in compiled.named_buffers():
+                buffer.copy_(state[name])
+    return reference, probed
 
 
 def probe_batch_axes(
@@ -136,30 +175,30 @@ def probe_batch_axes(
             ``out, capture = compiled(*leading, *example_inputs)``.
         layers: its layers.
         example_inputs: inputs of one forward pass; the batch is the first tensor's axis 0.
+            The probe runs on its first :data:`PROBE_BATCH` data.
         leading: arguments before the inputs (a functional model's parameter values).
 
     Returns:
         ``None`` when no layout can be probed (no floating batched input, a batch of one,
         or the forward fails); else, per layer, per use, a layout or ``None`` (unknown).
     """
-    batch = _batch_size(example_inputs)
-    if batch is None or batch < 2:
+    full_batch = _batch_size(example_inputs)
+    if full_batch is None or full_batch < 2:
         return None
-    perturbed = _perturb_datum_zero(example_inputs, batch)
-    if all(a is b for a, b in zip(perturbed, example_inputs, strict=True)):
+    attempts = [min(full_batch, PROBE_BATCH)] + ([full_batch] if full_batch > PROBE_BATCH else [])
+    for batch in attempts:
+        inputs = _slice_batch(example_inputs, full_batch, batch)
+        try:
+            runs = _run_twice(compiled, inputs, batch, leading)
+            break
+        except Exception as error:  # a model that cannot run on this batch: keep the convention
+            failure = error
+    else:
+        warnings.warn(f"fxkfac could not probe the batch axes of the layer inputs: {failure}", stacklevel=3)
         return None
-    state = {name: buffer.clone() for name, buffer in compiled.named_buffers()}
-    devices = list({t.device for t in example_inputs if isinstance(t, Tensor)})
-    try:
-        _, reference = _run(compiled, (*leading, *example_inputs), devices)
-        _, probed = _run(compiled, (*leading, *perturbed), devices)
-    except Exception as error:  # a model that cannot run twice: keep the convention
-        warnings.warn(f"fxkfac could not probe the batch axes of the layer inputs: {error}", stacklevel=3)
+    if runs is None:
         return None
-    finally:
-        with torch.no_grad():
-            for name, buffer in compiled.named_buffers():
-                buffer.copy_(state[name])
+    reference, probed = runs
     layouts: list[tuple[BatchAxis | None, ...]] = []
     slot = 0
     for layer in layers:

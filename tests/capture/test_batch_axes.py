@@ -132,3 +132,34 @@ def test_viewed_weight_after_a_transpose_is_not_looked_through():
 
     kmod = fxkfac.compile(fn, params=params, example_inputs=(torch.randn(2, 3),))
     assert kmod.layers == [] and "w" in kmod.uncaptured
+
+
+class SequenceFirst(nn.Module):
+    """``[N, S, D] -> [S, N, D]`` before its Linear; records the batch sizes it runs on."""
+
+    def __init__(self, fixed_batch: int | None = None):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.fixed_batch = fixed_batch
+
+    def forward(self, x):
+        if self.fixed_batch is not None:  # a model that only runs on one batch size
+            x = x.reshape(self.fixed_batch, 5, 3)
+        return self.fc(x.transpose(0, 1)).sum(0)
+
+
+def test_probe_runs_on_a_slice_of_the_example_batch():
+    from fxkfac.capture.batch import PROBE_BATCH
+
+    seen = []
+    model = SequenceFirst().double()
+    model.fc.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    kmod = fxkfac.compile(model, example_inputs=(torch.randn(32, 5, 3, dtype=torch.float64),))
+    assert kmod.layers[0].matches[0].batch == BatchAxis(1)
+    assert seen and max(seen) <= PROBE_BATCH  # the rewritten graph calls the fc module itself
+
+
+def test_probe_falls_back_to_the_whole_batch_for_a_fixed_batch_model():
+    model = SequenceFirst(fixed_batch=8).double()
+    kmod = fxkfac.compile(model, example_inputs=(torch.randn(8, 5, 3, dtype=torch.float64),))
+    assert kmod.layers[0].matches[0].batch == BatchAxis(1)
