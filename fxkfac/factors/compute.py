@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from fxkfac.capture.capture import Capture
 from fxkfac.curvature.losses import LossRule, loss_rule
 from fxkfac.errors import CaptureError
-from fxkfac.factors.positions import data_count, datum_major
+from fxkfac.factors.positions import per_datum_gradients, per_datum_inputs
 from fxkfac.factors.registry import factor_rule, gram, gram_with_ones
 
 
@@ -187,8 +187,11 @@ def input_factors(
     """``A`` of every layer: ``[D_A, D_A]``, ``[G, D_A, D_A]`` with groups, ``[D_A]`` if diagonal.
 
     ``reduce`` groups each use's rows by datum with its ``BatchAxis`` (see
-    :mod:`fxkfac.factors.positions`); ``batch_size`` is only read for unknown layouts.
+    :mod:`fxkfac.factors.positions`); ``batch_size`` (default: the prediction's leading
+    axis, as for ``B``) is only read for unknown layouts.
     """
+    if batch_size is None:
+        batch_size = capture_batch_size(capture)
     factors = {}
     for index in layer_indices(capture):
         layer = capture.layers[index]
@@ -199,13 +202,11 @@ def input_factors(
             if layer_input is None:
                 raise CaptureError(f"layer {layer.name} was not recorded in this forward pass")
             x = layer_input.detach()
-            if approx is KFACApprox.REDUCE:
-                x = datum_major(x, use.batch)
-            feature = rule.input_features(x.to(_accumulation_dtype(x.dtype)), layer, use)
-            if approx is KFACApprox.REDUCE:  # [N m, S, G, D] -> [N, m S, G, D]
-                data = data_count(feature.shape[0], use.batch, batch_size, layer)
-                feature = feature.reshape(data, -1, *feature.shape[2:])
-            features.append(feature)
+            x = x.to(_accumulation_dtype(x.dtype))
+            if approx is KFACApprox.REDUCE:  # [N, m S, G, D]
+                features.append(per_datum_inputs(x, layer, use, batch_size))
+            else:  # [N m, S, G, D]
+                features.append(rule.input_features(x, layer, use))
         if approx is KFACApprox.REDUCE:
             positions = sum(f.shape[1] for f in features)
             rows = sum(f.sum(dim=1) for f in features) / positions  # [N, G, D]
@@ -326,13 +327,11 @@ class GradFactorAccumulator:
                     x = capture.inputs[slot]
                     grads = x.new_zeros((num_vectors, *capture.output_shapes[slot]))
                 grads = grads.detach().to(_accumulation_dtype(grads.dtype))
-                if self.approx is KFACApprox.REDUCE:
-                    grads = datum_major(grads, use.batch, offset=1)
-                rows = rule.output_gradients(grads, layer)  # [K, N, S, G, D]
-                if self.approx is KFACApprox.REDUCE:  # [K, N m, S, G, D] -> [K, N, m S, G, D]
-                    data = data_count(rows.shape[1], use.batch, capture_batch_size(capture), layer)
-                    rows = rows.reshape(rows.shape[0], data, -1, *rows.shape[3:])
-                    self.data[index] = data
+                if self.approx is KFACApprox.REDUCE:  # [K, N, m S, G, D]
+                    rows = per_datum_gradients(grads, layer, use, capture_batch_size(capture))
+                    self.data[index] = rows.shape[1]
+                else:  # [K, N m, S, G, D]
+                    rows = rule.output_gradients(grads, layer)
                 per_use.append(rows)
             diagonal = layer.name in self.diagonal
             if self.approx is KFACApprox.REDUCE:

@@ -14,7 +14,8 @@ import warnings
 
 from torch import Tensor
 
-from fxkfac.capture.layer import BatchAxis, LayerInfo
+from fxkfac.capture.layer import BatchAxis, LayerInfo, OpMatch
+from fxkfac.factors.registry import factor_rule
 
 
 def datum_major(values: Tensor, layout: BatchAxis | None, offset: int = 0) -> Tensor:
@@ -66,3 +67,31 @@ def data_count(rows: int, layout: BatchAxis | None, batch_size: int | None, laye
         stacklevel=4,
     )
     return rows
+
+
+def per_datum_inputs(x: Tensor, layer: LayerInfo, use: OpMatch, batch_size: int | None) -> Tensor:
+    """Input features ``[N, m·S, G, D_in]`` of one use, grouped by datum.
+
+    Args:
+        x: the use's input ``[*x.shape]`` (any batch layout).
+        layer: its layer.
+        use: the use (its :class:`BatchAxis`).
+        batch_size: ``N``, read only when the layout is unknown.
+    """
+    features = factor_rule(layer.kind).input_features(datum_major(x, use.batch), layer, use)
+    data = data_count(features.shape[0], use.batch, batch_size, layer)
+    return features.reshape(data, -1, *features.shape[2:])
+
+
+def per_datum_gradients(grads: Tensor, layer: LayerInfo, use: OpMatch, batch_size: int | None) -> Tensor:
+    """Output gradients ``[K, N, m·S, G, D_out]`` of one use, grouped by datum.
+
+    Args:
+        grads: gradients ``[K, *z.shape]`` w.r.t. the use's output, one per vector.
+        layer: its layer.
+        use: the use (its :class:`BatchAxis`).
+        batch_size: ``N``, read only when the layout is unknown.
+    """
+    rows = factor_rule(layer.kind).output_gradients(datum_major(grads, use.batch, offset=1), layer)
+    data = data_count(rows.shape[1], use.batch, batch_size, layer)
+    return rows.reshape(rows.shape[0], data, -1, *rows.shape[3:])

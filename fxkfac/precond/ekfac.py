@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from fxkfac.capture.capture import Capture
-from fxkfac.factors.compute import _accumulation_dtype, layer_indices
-from fxkfac.factors.registry import factor_rule
+from fxkfac.factors.compute import _accumulation_dtype, capture_batch_size, layer_indices
+from fxkfac.factors.positions import per_datum_gradients, per_datum_inputs
 
 Basis = tuple[Tensor | None, Tensor | None]
 """``(Q_A [G, D_A, D_A] | None, Q_B [G, D_B, D_B] | None)``; ``None`` is the identity."""
@@ -126,24 +126,25 @@ class EigenvalueCorrection:
     def _features(self, index: int) -> Tensor:
         """Inputs ``[N, S, G, D_in]`` of all uses (uses with one batch size share ``S``)."""
         layer = self.capture.layers[index]
-        rule = factor_rule(layer.kind)
+        batch_size = capture_batch_size(self.capture)
         features = []
         for slot, use in zip(self.capture.slots_of(index), layer.matches, strict=True):
             x = self.capture.inputs[slot].detach()
-            features.append(rule.input_features(x.to(_accumulation_dtype(x.dtype)), layer, use))
+            features.append(per_datum_inputs(x.to(_accumulation_dtype(x.dtype)), layer, use, batch_size))
         return _join(features, dim=1 if _same_batch(features, 0) else 0)
 
     def _gradients(self, index: int, grads_by_slot: dict[int, Tensor | None], num_vectors: int) -> Tensor:
         """Output gradients ``[K, N, S, G, D_B]`` of all uses (zeros for an unused output)."""
         layer = self.capture.layers[index]
-        rule = factor_rule(layer.kind)
+        batch_size = capture_batch_size(self.capture)
         per_use = []
-        for slot in self.capture.slots_of(index):
+        for slot, use in zip(self.capture.slots_of(index), layer.matches, strict=True):
             grads = grads_by_slot.get(slot)
             if grads is None:
                 x = self.capture.inputs[slot]
                 grads = x.new_zeros((num_vectors, *self.capture.output_shapes[slot]))
-            per_use.append(rule.output_gradients(grads.detach().to(_accumulation_dtype(grads.dtype)), layer))
+            grads = grads.detach().to(_accumulation_dtype(grads.dtype))
+            per_use.append(per_datum_gradients(grads, layer, use, batch_size))
         return _join(per_use, dim=2 if _same_batch(per_use, 1) else 1)
 
     def _project(self, index: int, grads: Tensor, basis: Basis) -> Tensor:
@@ -172,7 +173,9 @@ class EigenvalueCorrection:
                 another basis (the basis changed in between) is left out.
         """
         for index, chunks in self.pending.items():
-            basis = bases[self.capture.layers[index].name]
+            basis = bases.get(self.capture.layers[index].name)
+            if basis is None:  # the layer's factor update was skipped: no basis, no correction
+                continue
             for grads in chunks:
                 total = self._project(index, grads, basis)
                 self.sums[index] = total if index not in self.sums else self.sums[index] + total
