@@ -44,14 +44,37 @@ PROBE_BATCH = 4
 batch suffices (the whole batch only if the model cannot run on the slice)."""
 
 
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "type", "get_device", "element_size"})
+_METADATA_FUNCTIONS = frozenset({"sym_size", "sym_numel", "sym_stride", "sym_storage_offset"})
+
+
+def reads_metadata_only(node: fx.Node) -> bool:
+    """Whether ``node`` reads only a tensor's metadata (shape, dtype, device), not its values.
+
+    ``torch.arange(x.shape[1])`` has no batch axis although it is computed from ``x``.
+    """
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return name.split(".")[0] in _METADATA_FUNCTIONS
+    return False
+
+
 def batch_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value depends on a model input (a placeholder that is not a parameter)."""
+    """Nodes whose values depend on a model input (a placeholder that is not a parameter).
+
+    Dependence through metadata alone (:func:`reads_metadata_only`) does not count.
+    """
     dependent: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "placeholder":
             if PARAM_PLACEHOLDER_META not in node.meta:
                 dependent.add(node)
-        elif any(arg in dependent for arg in node.all_input_nodes):
+        elif not reads_metadata_only(node) and any(arg in dependent for arg in node.all_input_nodes):
             dependent.add(node)
     return dependent
 

@@ -189,7 +189,7 @@ def find_layers(
                 uncaptured.setdefault(
                     match.weight,
                     f"the input of {match.node.name} does not depend on the model inputs: it has "
-                    "no batch axis (computed from parameters and buffers only, then broadcast "
+                    "no batch axis (computed from parameters, buffers and input shapes only, then broadcast "
                     "over the batch), so there are no per-datum inputs and output gradients",
                 )
 

@@ -163,3 +163,22 @@ def test_probe_falls_back_to_the_whole_batch_for_a_fixed_batch_model():
     model = SequenceFirst(fixed_batch=8).double()
     kmod = fxkfac.compile(model, example_inputs=(torch.randn(8, 5, 3, dtype=torch.float64),))
     assert kmod.layers[0].matches[0].batch == BatchAxis(1)
+
+
+class PositionalBias(nn.Module):
+    """A Linear on ``arange(x.shape[1])``: computed from the input's shape, not its values."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Linear(1, 1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):  # [N, 4]
+        positions = torch.arange(x.shape[1], dtype=x.dtype)[:, None]
+        return self.fc(x) + self.pos(positions)[:, 0] * x.size(0) / x.dim()
+
+
+def test_layer_fed_only_by_input_shapes_has_no_batch_axis():
+    kmod = fxkfac.compile(PositionalBias().double())
+    assert [layer.name for layer in kmod.layers] == ["fc"]
+    assert "no batch axis" in kmod.uncaptured["pos.weight"]
