@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -13,6 +14,11 @@ from torch.utils._pytree import tree_leaves
 from fxkfac.capture.capture import Capture
 from fxkfac.capture.layer import LayerInfo
 from fxkfac.errors import InputMismatchError
+
+_DTYPE_OR_DEVICE_ERROR = re.compile(
+    r"dtype|device|scalar type|type \(|Expected all tensors|should be the same", re.IGNORECASE
+)
+"""Messages of torch's dtype / device mismatch errors (others are re-raised as they are)."""
 
 
 class CompiledModule(nn.Module):
@@ -50,15 +56,16 @@ class CompiledModule(nn.Module):
         """Run the model; returns ``(outputs, capture)``.
 
         Raises:
-            InputMismatchError: the forward failed and the inputs' dtype or device differs
-                from the parameters' (the message names both and the fix).
+            InputMismatchError: the forward failed with a dtype or device error and the
+                inputs' dtype or device differs from the parameters' (the message names both
+                and the fix).
         """
         try:
             if self.params is not None:
                 return self.graph_module(*self.params.values(), *inputs, **kwargs)
             return self.graph_module(*inputs, **kwargs)
         except RuntimeError as error:
-            if isinstance(error, InputMismatchError):
+            if isinstance(error, InputMismatchError) or not _DTYPE_OR_DEVICE_ERROR.search(str(error)):
                 raise
             mismatch = describe_input_mismatch(self._parameters_by_name.values(), (inputs, kwargs))
             if mismatch is None:

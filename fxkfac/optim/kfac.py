@@ -213,6 +213,7 @@ class KFAC(Optimizer):
                 RuntimeWarning,
                 stacklevel=2,
             )
+            self._predicted_change = None  # no step taken: the next loss change predicts nothing
             return {**stats, "skipped": "non-finite update", "loss": loss_value, "step": pre.steps - 1}
 
         step_norms = {}

@@ -465,6 +465,17 @@ def test_an_unrelated_forward_error_is_not_relabelled():
     assert not isinstance(info.value, fxkfac.FxKfacError)
 
 
+def test_a_shape_error_of_a_casting_model_is_not_blamed_on_the_dtype():
+    class Casting(MLP):
+        def forward(self, x):
+            return super().forward(x.to(self.fc1.weight.dtype))
+
+    kmod = fxkfac.compile(Casting())
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as info:
+        kmod(torch.randn(2, 5, dtype=torch.float64))  # wrong feature size, float64 inputs
+    assert not isinstance(info.value, fxkfac.InputMismatchError)
+
+
 # ---------------------------------------------------------------------------------------------
 # unsupported loss and steps without a capture, in the optimizer
 
@@ -522,3 +533,29 @@ def test_fixed_seed_gives_an_identical_run():
     for name, p in first.items():
         assert torch.equal(p, disturbed[name]), name
     assert any(not torch.equal(p, other_seed[name]) for name, p in first.items())
+
+
+def test_adaptive_damping_does_not_move_after_a_skipped_update():
+    """A step skipped for a non-finite update takes no step: the next loss change says nothing."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    kmod = fxkfac.compile(model, example_inputs=(x,))
+    opt = fxkfac.KFAC(kmod, LOSS, lr=0.1, damping=1e-2, adaptive_damping=True, fisher_type="type-2")
+
+    def step(lr: float) -> dict:
+        opt.param_groups[0]["lr"] = lr
+        out, cap = kmod(x)
+        loss = LOSS(out, y)
+        opt.zero_grad()
+        loss.backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return opt.step(cap, loss=loss)
+
+    step(0.1), step(0.1)
+    assert step(math.inf)["skipped"] == "non-finite update"
+    damping = opt.preconditioner.damping
+    assert step(0.1)["skipped"] is None
+    assert opt.preconditioner.damping == damping
