@@ -3,8 +3,11 @@
 Trains the same MLP (64-64-10, ReLU) from the same initialization with each optimizer,
 shows rich progress bars, prints a results table, and writes PNG plots (loss, test accuracy,
 NGD-T step size η_T and predicted dissipation Q_pred, per-layer K-FAC step norms) and a
-JSON file of every number to the output folder. The data (1,797 8×8 digits) ships with
-scikit-learn; nothing is downloaded.
+JSON file of every number to the output folder. Each optimizer's settings are the best of
+a small sweep over 3 seeds (SGD lr 0.1/0.3, Adam lr 3e-3/1e-2/3e-2; K-FAC with and without
+KL-clipping; NGD-T with the damped Cholesky inverse beat the ``eigh`` pseudo-inverse with a
+null-space step here); ``benchmarks/digits_time_to_accuracy.py`` tunes all four more
+thoroughly. The data (1,797 8×8 digits) ships with scikit-learn; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -61,19 +64,27 @@ def make_model(seed: int) -> nn.Module:
 
 
 OPTIMIZERS: dict[str, Callable[[nn.Module, Any, nn.Module], Any]] = {
-    "SGD": lambda model, kmod, loss: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-    "Adam": lambda model, kmod, loss: torch.optim.Adam(model.parameters(), lr=3e-3),
+    "SGD": lambda model, kmod, loss: torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9),
+    "Adam": lambda model, kmod, loss: torch.optim.Adam(model.parameters(), lr=1e-2),
     "K-FAC": lambda model, kmod, loss: fxkfac.KFAC(
-        kmod, loss, lr=0.3, damping=0.03, momentum=0.5, factor_decay=0.9, inverse_every=5, kl_clip=1e-2
+        kmod,
+        loss,
+        lr=0.3,
+        damping=0.03,
+        momentum=0.5,
+        factor_every=5,
+        inverse_every=10,
+        factor_decay=0.8,
+        kl_clip=1e-2,
     ),
     "K-FAC + NGD-T": lambda model, kmod, loss: fxkfac.KFAC(
         kmod,
         loss,
-        damping=0.03,
-        factor_decay=0.9,
-        inverse_every=5,
-        inverse="eigh",
-        regulator=fxkfac.NGDT(q_budget=0.05, eta0=1.0, eta_min=1e-4, eta_max=0.5, null_ratio=0.01),
+        damping=1e-3,
+        factor_every=5,
+        inverse_every=10,
+        factor_decay=0.8,
+        regulator=fxkfac.NGDT(q_budget=0.3, eta_max=0.1),
     ),
 }
 
