@@ -74,7 +74,7 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
     raise SystemExit(f"unknown model {name}")
 
 
-def memory_child(name: str, batch: int, which: str, threads: int) -> int:
+def memory_child(name: str, batch: int, which: str, threads: int, approx: str = "expand") -> int:
     """Peak resident-memory increase of one gradient or factor pass (run in a fresh process).
 
     Everything is built and warmed up with a batch of 2 first (kernel caches, autograd
@@ -85,7 +85,9 @@ def memory_child(name: str, batch: int, which: str, threads: int) -> int:
     model, shape, classes = build(name)
     loss_func = nn.CrossEntropyLoss()
     kmod = fxkfac.compile(model, example_inputs=(torch.randn(2, *shape),))
-    pre = fxkfac.KFACPreconditioner(kmod, loss_func, fisher_type="mc", max_factor_dim=10**9)
+    pre = fxkfac.KFACPreconditioner(
+        kmod, loss_func, fisher_type="mc", max_factor_dim=10**9, kfac_approx=approx
+    )
 
     def run(x: torch.Tensor, y: torch.Tensor) -> None:
         model.zero_grad(set_to_none=True)
@@ -95,7 +97,7 @@ def memory_child(name: str, batch: int, which: str, threads: int) -> int:
         pre.steps = 0
         out, cap = kmod(x)
         loss_func(out, y).backward()
-        input_factors(cap, pre.loss_rule.reduction_factor(out), KFACApprox.EXPAND)
+        input_factors(cap, pre.loss_rule.reduction_factor(out), KFACApprox(approx))
 
     run(torch.randn(2, *shape), torch.randint(classes, (2,)))
     model.zero_grad(set_to_none=True)
@@ -112,8 +114,10 @@ def main() -> None:
     parser.add_argument(
         "--amortized-steps", type=int, default=100, help="K-FAC steps of figure 2 (0: skip figure 2)"
     )
+    parser.add_argument("--kfac-approx", default="expand", choices=["expand", "reduce"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    approx = KFACApprox(args.kfac_approx)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, shape, classes = build(args.model)
@@ -124,7 +128,7 @@ def main() -> None:
 
     # -- figures 1 and 3: factor pass vs gradient pass --------------------------------
     kmod = fxkfac.compile(model, example_inputs=(x,))
-    pre = fxkfac.KFACPreconditioner(kmod, loss_func, fisher_type="mc", factor_every=1)
+    pre = fxkfac.KFACPreconditioner(kmod, loss_func, fisher_type="mc", factor_every=1, kfac_approx=approx)
 
     def gradient_pass() -> None:
         model.zero_grad(set_to_none=True)
@@ -136,7 +140,7 @@ def main() -> None:
         out, cap = kmod(x)
         loss_func(out, y).backward()
         reduction = pre.loss_rule.reduction_factor(cap.prediction)
-        input_factors(cap, reduction, KFACApprox.EXPAND)
+        input_factors(cap, reduction, approx)
         assert cap.grad_factors is not None
 
     times = interleaved_medians(
@@ -145,7 +149,7 @@ def main() -> None:
     profiled_gradient = peak_memory_bytes(gradient_pass)
     profiled_factor = peak_memory_bytes(factor_pass)
     rss = {
-        which: in_fresh_process(memory_child, args.model, args.batch, which, args.threads)
+        which: in_fresh_process(memory_child, args.model, args.batch, which, args.threads, approx.value)
         for which in ("gradient", "factor")
     }
     kmod.graph_module.fxkfac_capture.callbacks.clear()  # disarm `pre`
@@ -158,7 +162,14 @@ def main() -> None:
     kmod_kfac = fxkfac.compile(model_kfac, example_inputs=(x,))
     sgd = torch.optim.SGD(model_sgd.parameters(), lr=1e-4, momentum=0.9)
     kfac = fxkfac.KFAC(
-        kmod_kfac, loss_func, lr=1e-4, damping=1e-3, momentum=0.9, factor_every=10, inverse_every=100
+        kmod_kfac,
+        loss_func,
+        lr=1e-4,
+        damping=1e-3,
+        momentum=0.9,
+        factor_every=10,
+        inverse_every=100,
+        kfac_approx=approx,
     )
 
     def sgd_steps(count: int) -> float:
@@ -196,6 +207,7 @@ def main() -> None:
     results = {
         "model": args.model,
         "batch": args.batch,
+        "kfac_approx": approx.value,
         "repeats": args.repeats,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
@@ -220,7 +232,8 @@ def main() -> None:
             verdict = f"  (target ≤ {TARGETS[key]}: {'met' if value <= TARGETS[key] else 'NOT met'})"
         if key != "targets":
             print(f"{key:>26}: {text}{verdict}")
-    path = save(results, args.out or f"benchmarks/results/factor_pass_{args.model}.json")
+    suffix = "" if approx is KFACApprox.EXPAND else f"_{approx.value}"
+    path = save(results, args.out or f"benchmarks/results/factor_pass_{args.model}{suffix}.json")
     print(f"saved {path}")
 
 
