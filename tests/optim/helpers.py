@@ -92,3 +92,37 @@ def compiled_copy(model: nn.Module, x: Tensor) -> tuple[nn.Module, fxkfac.Compil
     """A deep copy of ``model`` and its compiled module (no optimizer attached)."""
     clone = copy.deepcopy(model)
     return clone, fxkfac.compile(clone, example_inputs=(x,))
+
+
+def snapshot(model: nn.Module, opt: fxkfac.KFAC) -> dict:
+    """Copies of everything a K-FAC step may change: parameters, factors, inverses, state."""
+    pre = opt.preconditioner
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "factors": copy.deepcopy(pre.factors),
+        "inverses": {n: {k: v.clone() for k, v in inv.tensors.items()} for n, inv in pre.inverses.items()},
+        "steps": pre.steps,
+        "state": copy.deepcopy({id(p): dict(s) for p, s in opt.state.items()}),
+        "damping": pre.damping,
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """Two :func:`snapshot` s are bit-identical."""
+    assert a["steps"] == b["steps"]
+    assert a["damping"] == b["damping"]
+    for name, p in a["params"].items():
+        assert torch.equal(p, b["params"][name]), name
+    assert a["factors"].keys() == b["factors"].keys()
+    for name, factors in a["factors"].items():
+        for key, value in factors.items():
+            assert torch.equal(value, b["factors"][name][key]), (name, key)
+    assert a["inverses"].keys() == b["inverses"].keys()
+    for name, tensors in a["inverses"].items():
+        for key, value in tensors.items():
+            assert torch.equal(value, b["inverses"][name][key]), (name, key)
+    assert a["state"].keys() == b["state"].keys()
+    for key, state in a["state"].items():
+        for entry, value in state.items():
+            other = b["state"][key][entry]
+            assert torch.equal(value, other) if isinstance(value, Tensor) else value == other, entry

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 import fxkfac
 
-from .helpers import compiled_copy
+from .helpers import assert_same, compiled_copy, snapshot
 
 
 class Net(nn.Module):
@@ -52,38 +50,6 @@ def step(kmod, opt, x, y, corrupt=None):
     if corrupt is not None:
         corrupt()
     return opt.step(cap, loss=loss.detach())
-
-
-def snapshot(model, opt):
-    pre = opt.preconditioner
-    return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "factors": copy.deepcopy(pre.factors),
-        "inverses": {n: {k: v.clone() for k, v in inv.tensors.items()} for n, inv in pre.inverses.items()},
-        "steps": pre.steps,
-        "state": copy.deepcopy({id(p): dict(s) for p, s in opt.state.items()}),
-        "damping": pre.damping,
-    }
-
-
-def assert_same(a, b):
-    assert a["steps"] == b["steps"]
-    assert a["damping"] == b["damping"]
-    for name, p in a["params"].items():
-        assert torch.equal(p, b["params"][name]), name
-    assert a["factors"].keys() == b["factors"].keys()
-    for name, f in a["factors"].items():
-        for key in ("A", "B"):
-            assert torch.equal(f[key], b["factors"][name][key]), (name, key)
-    assert a["inverses"].keys() == b["inverses"].keys()
-    for name, tensors in a["inverses"].items():
-        for key, value in tensors.items():
-            assert torch.equal(value, b["inverses"][name][key]), (name, key)
-    assert a["state"].keys() == b["state"].keys()
-    for key, state in a["state"].items():
-        for entry, value in state.items():
-            other = b["state"][key][entry]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, entry
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import warnings
 
 import pytest
 import torch
+from optim.helpers import assert_same, snapshot
 from torch import Tensor, nn
 
 import fxkfac
@@ -64,36 +65,6 @@ def train_step(kmod, opt, x, y, loss_func: nn.Module = LOSS) -> dict:
     opt.zero_grad()
     loss.backward()
     return opt.step(cap, loss=loss.detach())
-
-
-def snapshot(model: nn.Module, opt: fxkfac.KFAC) -> dict:
-    pre = opt.preconditioner
-    return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "factors": copy.deepcopy(pre.factors),
-        "inverses": {n: {k: v.clone() for k, v in inv.tensors.items()} for n, inv in pre.inverses.items()},
-        "steps": pre.steps,
-        "state": copy.deepcopy({id(p): dict(s) for p, s in opt.state.items()}),
-    }
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a["steps"] == b["steps"]
-    for name, p in a["params"].items():
-        assert torch.equal(p, b["params"][name]), name
-    assert a["factors"].keys() == b["factors"].keys()
-    for name, factors in a["factors"].items():
-        for key, value in factors.items():
-            assert torch.equal(value, b["factors"][name][key]), (name, key)
-    assert a["inverses"].keys() == b["inverses"].keys()
-    for name, tensors in a["inverses"].items():
-        for key, value in tensors.items():
-            assert torch.equal(value, b["inverses"][name][key]), (name, key)
-    assert a["state"].keys() == b["state"].keys()
-    for key, state in a["state"].items():
-        for entry, value in state.items():
-            other = b["state"][key][entry]
-            assert torch.equal(value, other) if isinstance(value, Tensor) else value == other, entry
 
 
 def assert_finite(model: nn.Module, opt: fxkfac.KFAC) -> None:
