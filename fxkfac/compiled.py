@@ -106,30 +106,21 @@ class CompiledModule(nn.Module):
         raise KeyError(f"no captured layer named {name!r}; layers: {[x.name for x in self.layers]}")
 
     def summary(self) -> str:
-        """Plain-text table of the captured layers and the uncaptured parameters."""
-        header = ("layer", "kind", "call", "weight shape", "A", "B", "groups", "uses")
-        rows = [header]
-        for layer in self.layers:
-            info = layer.describe()
-            rows.append(
-                (
-                    layer.name,
-                    layer.kind,
-                    layer.call_form,
-                    "x".join(map(str, layer.weight_shape)),
-                    str(info["A"]),
-                    str(info["B"]),
-                    str(info["groups"]),
-                    str(info["uses"]),
-                )
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        """Plain-text table of the captured layers (with factor memory) and the uncaptured parameters.
+
+        :meth:`print_summary` prints the same table with rich, plus the K-FAC settings.
+        """
+        from fxkfac.inspect.report import LAYER_COLUMNS, factor_bytes, format_bytes, layer_rows
+
+        rows = [LAYER_COLUMNS, *layer_rows(self)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(LAYER_COLUMNS))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         total = sum(
             layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2) for layer in self.layers
         )
-        lines.append(f"{len(self.layers)} layers captured, {total:,} factor entries")
+        memory = format_bytes(sum(factor_bytes(layer, self) for layer in self.layers))
+        lines.append(f"{len(self.layers)} layers captured, {total:,} factor entries ({memory})")
         if self.uncaptured:
             lines.append(f"{len(self.uncaptured)} parameters not preconditioned by K-FAC:")
             lines.extend(f"  {name}: {reason}" for name, reason in self.uncaptured.items())

@@ -10,10 +10,12 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from fxkfac.capture.layer import LayerInfo
     from fxkfac.compiled import CompiledModule
 
 
-def _bytes(count: int) -> str:
+def format_bytes(count: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -21,18 +23,23 @@ def _bytes(count: int) -> str:
     return ""
 
 
-def layer_table(kmod: CompiledModule, fisher_type: str = "mc", kfac_approx: str = "expand") -> Table:
-    """Rich table: name, kind, call form, weight shape, A/B sizes, factor memory, settings."""
-    table = Table(title=f"K-FAC layers (fisher_type={fisher_type!r}, kfac_approx={kfac_approx!r})")
-    for column in ("layer", "kind", "call", "weight", "A", "B", "groups", "uses", "factor memory"):
-        table.add_column(column, justify="right" if column in ("A", "B", "groups", "uses") else "left")
-    params = kmod.named_model_parameters()
-    total = 0
-    for layer in kmod.layers:
-        entries = layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2)
-        size = entries * params[layer.weight].element_size()
-        total += size
-        table.add_row(
+LAYER_COLUMNS = ("layer", "kind", "call", "weight", "A", "B", "groups", "uses", "factor memory")
+"""Columns of the layer table (plain :meth:`CompiledModule.summary` and the rich one)."""
+
+
+def factor_bytes(layer: LayerInfo, kmod: CompiledModule) -> int:
+    """Bytes of one layer's full factors ``A`` and ``B``.
+
+    At least float32: low-precision models accumulate their factors in float32.
+    """
+    entries = layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2)
+    return entries * max(kmod.named_model_parameters()[layer.weight].element_size(), 4)
+
+
+def layer_rows(kmod: CompiledModule) -> list[tuple[str, ...]]:
+    """One row of :data:`LAYER_COLUMNS` per captured layer."""
+    return [
+        (
             layer.name,
             layer.kind,
             layer.call_form,
@@ -41,9 +48,21 @@ def layer_table(kmod: CompiledModule, fisher_type: str = "mc", kfac_approx: str 
             str(layer.output_factor_dim),
             str(layer.groups),
             str(len(layer.nodes)),
-            _bytes(size),
+            format_bytes(factor_bytes(layer, kmod)),
         )
-    table.caption = f"{len(kmod.layers)} layers, {_bytes(total)} of factors; tracer: {kmod.tracer}"
+        for layer in kmod.layers
+    ]
+
+
+def layer_table(kmod: CompiledModule, fisher_type: str = "mc", kfac_approx: str = "expand") -> Table:
+    """Rich table: name, kind, call form, weight shape, A/B sizes, factor memory, settings."""
+    table = Table(title=f"K-FAC layers (fisher_type={fisher_type!r}, kfac_approx={kfac_approx!r})")
+    for column in LAYER_COLUMNS:
+        table.add_column(column, justify="right" if column in ("A", "B", "groups", "uses") else "left")
+    for row in layer_rows(kmod):
+        table.add_row(*row)
+    total = sum(factor_bytes(layer, kmod) for layer in kmod.layers)
+    table.caption = f"{len(kmod.layers)} layers, {format_bytes(total)} of factors; tracer: {kmod.tracer}"
     return table
 
 

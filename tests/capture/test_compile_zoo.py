@@ -990,6 +990,7 @@ def test_summary_mentions_layers_and_uncaptured(case: Case):
     for name, reason in inst.kmod.uncaptured.items():
         assert f"{name}: {reason}" in summary
     assert f"{len(inst.kmod.layers)} layers captured" in summary
+    assert summary.splitlines()[0].split()[-2:] == ["factor", "memory"]
 
 
 @zoo
