@@ -68,6 +68,14 @@ def _swap_in_proxies(
         for name, value in parameters_and_buffers.items():
             for alias in aliases[name]:
                 values.setdefault(alias, value)
+    missing = [name for name, _ in module.named_parameters(remove_duplicate=False) if name not in values]
+    if missing:
+        raise TraceError(
+            f"functional_call({type(module).__name__}, params, ...): the module's parameters "
+            f"{missing} are not in params. Pass every parameter of the module in "
+            "fxkfac.compile(fn, params=...) (e.g. dict(module.named_parameters())), or make the "
+            "missing ones buffers if they are constants"
+        )
     saved: list[tuple[dict[str, Any], str, Any]] = []
     try:
         for name, value in values.items():

@@ -199,6 +199,8 @@ def trace_function(
         with proxy_functional_call():
             output = fn(proxies, *inputs)
         tracer.create_node("output", "output", (tracer.create_arg(output),), {})
+    except TraceError:  # already names the problem and its fix
+        raise
     except Exception as exc:
         name = getattr(fn, "__name__", type(fn).__name__)
         raise trace_error(exc, f"function {name}") from exc

@@ -182,3 +182,14 @@ def test_layer_fed_only_by_input_shapes_has_no_batch_axis():
     kmod = fxkfac.compile(PositionalBias().double())
     assert [layer.name for layer in kmod.layers] == ["fc"]
     assert "no batch axis" in kmod.uncaptured["pos.weight"]
+
+
+def test_functional_call_with_missing_parameters_names_them():
+    module = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    params = {k: v.detach().clone() for k, v in module.named_parameters() if k.startswith("0.")}
+
+    def fn(p, x):
+        return torch.func.functional_call(module, p, (x,))
+
+    with pytest.raises(fxkfac.TraceError, match=r"\['2.weight', '2.bias'\] are not in params"):
+        fxkfac.compile(fn, params=params, example_inputs=(torch.randn(5, 4),))
