@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks: timing medians, peak memory, JSON output."""
+"""Shared helpers for the benchmarks: the passes compared, timing medians, peak memory, JSON output."""
 
 from __future__ import annotations
 
@@ -11,6 +11,41 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
+
+import fxkfac
+from fxkfac.factors.compute import KFACApprox, input_factors
+
+
+def gradient_pass(model: nn.Module, x: Tensor, y: Tensor, loss_func: nn.Module) -> Callable[[], None]:
+    """The baseline: ``loss_func(model(x), y).backward()`` on the original module."""
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_func(model(x), y).backward()
+
+    return run
+
+
+def factor_pass(
+    kmod: fxkfac.CompiledModule,
+    pre: fxkfac.KFACPreconditioner,
+    x: Tensor,
+    y: Tensor,
+    loss_func: nn.Module,
+    approx: KFACApprox = KFACApprox.EXPAND,
+) -> Callable[[], None]:
+    """Forward with capture, the user's backward (``pre``'s hook forms ``B`` in it), then ``A``."""
+
+    def run() -> None:
+        kmod.zero_grad(set_to_none=True)
+        pre.steps = 0  # factors due: the hook computes B inside loss.backward()
+        out, cap = kmod(x)
+        loss_func(out, y).backward()
+        input_factors(cap, pre.loss_rule.reduction_factor(out), approx)
+        assert cap.grad_factors is not None
+
+    return run
 
 
 def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:

@@ -41,10 +41,18 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import in_fresh_process, interleaved_medians, peak_memory_bytes, rss_peak_increase_bytes, save
+from common import (
+    factor_pass,
+    gradient_pass,
+    in_fresh_process,
+    interleaved_medians,
+    peak_memory_bytes,
+    rss_peak_increase_bytes,
+    save,
+)
 
 import fxkfac
-from fxkfac.factors.compute import KFACApprox, input_factors
+from fxkfac.factors.compute import KFACApprox
 
 TARGETS = {"factor_over_gradient": 2.0, "kfac_over_sgd": 1.3, "memory_ratio": 1.3}
 
@@ -90,14 +98,10 @@ def memory_child(name: str, batch: int, which: str, threads: int, approx: str = 
     )
 
     def run(x: torch.Tensor, y: torch.Tensor) -> None:
-        model.zero_grad(set_to_none=True)
         if which == "gradient":
-            loss_func(model(x), y).backward()
-            return
-        pre.steps = 0
-        out, cap = kmod(x)
-        loss_func(out, y).backward()
-        input_factors(cap, pre.loss_rule.reduction_factor(out), KFACApprox(approx))
+            gradient_pass(model, x, y, loss_func)()
+        else:
+            factor_pass(kmod, pre, x, y, loss_func, KFACApprox(approx))()
 
     run(torch.randn(2, *shape), torch.randint(classes, (2,)))
     model.zero_grad(set_to_none=True)
@@ -130,24 +134,14 @@ def main() -> None:
     kmod = fxkfac.compile(model, example_inputs=(x,))
     pre = fxkfac.KFACPreconditioner(kmod, loss_func, fisher_type="mc", factor_every=1, kfac_approx=approx)
 
-    def gradient_pass() -> None:
-        model.zero_grad(set_to_none=True)
-        loss_func(model(x), y).backward()
+    passes = {
+        "gradient pass": gradient_pass(model, x, y, loss_func),
+        "factor pass": factor_pass(kmod, pre, x, y, loss_func, approx),
+    }
 
-    def factor_pass() -> None:
-        model.zero_grad(set_to_none=True)
-        pre.steps = 0  # factors due: the hook computes B inside loss.backward()
-        out, cap = kmod(x)
-        loss_func(out, y).backward()
-        reduction = pre.loss_rule.reduction_factor(cap.prediction)
-        input_factors(cap, reduction, approx)
-        assert cap.grad_factors is not None
-
-    times = interleaved_medians(
-        {"gradient pass": gradient_pass, "factor pass": factor_pass}, repeats=args.repeats
-    )
-    profiled_gradient = peak_memory_bytes(gradient_pass)
-    profiled_factor = peak_memory_bytes(factor_pass)
+    times = interleaved_medians(passes, repeats=args.repeats)
+    profiled_gradient = peak_memory_bytes(passes["gradient pass"])
+    profiled_factor = peak_memory_bytes(passes["factor pass"])
     rss = {
         which: in_fresh_process(memory_child, args.model, args.batch, which, args.threads, approx.value)
         for which in ("gradient", "factor")

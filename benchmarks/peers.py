@@ -48,11 +48,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, save
+from common import factor_pass, gradient_pass, interleaved_medians, save
 from factor_pass import build
 
 import fxkfac
-from fxkfac.factors.compute import KFACApprox, input_factors
 
 
 def small_cnn() -> nn.Module:
@@ -103,15 +102,10 @@ def fxkfac_candidates(
         kmod_train, loss_func, fisher_type=fisher, factor_every=1, max_factor_dim=10**9
     )
 
-    def gradient_and_factors() -> None:
-        kmod_train.zero_grad(set_to_none=True)
-        pre.steps = 0
-        out, cap = kmod_train(x)
-        loss_func(out, y).backward()
-        input_factors(cap, pre.loss_rule.reduction_factor(out), KFACApprox.EXPAND)
-        assert cap.grad_factors is not None
-
-    return {"fxkfac factors": factors_only, "fxkfac grad+factors": gradient_and_factors}
+    return {
+        "fxkfac factors": factors_only,
+        "fxkfac grad+factors": factor_pass(kmod_train, pre, x, y, loss_func),
+    }
 
 
 def curvlinops_candidate(
@@ -161,11 +155,7 @@ def measure(name: str, batch: int, fisher: str, repeats: int) -> dict:
     loss_func = nn.CrossEntropyLoss()
     plain = copy.deepcopy(model)
 
-    def gradient_pass() -> None:
-        plain.zero_grad(set_to_none=True)
-        loss_func(plain(x), y).backward()
-
-    candidates: dict[str, Callable[[], object]] = {"gradient pass": gradient_pass}
+    candidates: dict[str, Callable[[], object]] = {"gradient pass": gradient_pass(plain, x, y, loss_func)}
     candidates |= fxkfac_candidates(model, x, y, fisher)
     errors = {}
     for peer, factory in (

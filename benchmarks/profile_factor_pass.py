@@ -23,7 +23,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, save
+from common import factor_pass, gradient_pass, interleaved_medians, save
 from factor_pass import build
 
 import fxkfac
@@ -60,10 +60,6 @@ def main() -> None:
         with torch.no_grad():
             kmod(x)
 
-    def gradient_pass() -> None:
-        model.zero_grad(set_to_none=True)
-        loss_func(model(x), y).backward()
-
     out, cap = kmod(x)  # a capture kept alive for the stage timings below
     kmod.graph_module.fxkfac_capture.callbacks.clear()  # stages timed without the hook
     reduction = rule.reduction_factor(out)
@@ -78,7 +74,7 @@ def main() -> None:
     stages = interleaved_medians(
         {
             "forward (no grad)": forward,
-            "gradient pass (forward + backward)": gradient_pass,
+            "gradient pass (forward + backward)": gradient_pass(model, x, y, loss_func),
             "MC-1 backward + B": mc_backward_and_B,
             "A (input factors)": input_factor_A,
         },
@@ -92,16 +88,10 @@ def main() -> None:
     # one armed factor pass under the profiler
     kmod.graph_module.fxkfac_capture.callbacks.append(pre._arm)
 
-    def factor_pass() -> None:
-        model.zero_grad(set_to_none=True)
-        pre.steps = 0
-        out, cap = kmod(x)
-        loss_func(out, y).backward()
-        input_factors(cap, rule.reduction_factor(out), KFACApprox.EXPAND)
-
-    factor_pass()
+    armed_factor_pass = factor_pass(kmod, pre, x, y, loss_func)
+    armed_factor_pass()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        factor_pass()
+        armed_factor_pass()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
     print(table)
     total_us = sum(e.self_cpu_time_total for e in prof.key_averages())

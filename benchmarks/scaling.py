@@ -29,10 +29,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, save
+from common import factor_pass, gradient_pass, interleaved_medians, save
 
 import fxkfac
-from fxkfac.factors.compute import KFACApprox, input_factors
 
 
 def mlp(width: int) -> nn.Module:
@@ -51,18 +50,11 @@ def time_point(width: int, batch: int, repeats: int) -> dict[str, float]:
     kmod = fxkfac.compile(model, example_inputs=(x,))
     pre = fxkfac.KFACPreconditioner(kmod, loss_func, fisher_type="mc", max_factor_dim=10**9)
 
-    def gradient_pass() -> None:
-        model.zero_grad(set_to_none=True)
-        loss_func(model(x), y).backward()
-
-    def factor_pass() -> None:
-        model.zero_grad(set_to_none=True)
-        pre.steps = 0
-        out, cap = kmod(x)
-        loss_func(out, y).backward()
-        input_factors(cap, pre.loss_rule.reduction_factor(out), KFACApprox.EXPAND)
-
-    times = interleaved_medians({"gradient": gradient_pass, "factor": factor_pass}, repeats=repeats)
+    passes = {
+        "gradient": gradient_pass(model, x, y, loss_func),
+        "factor": factor_pass(kmod, pre, x, y, loss_func),
+    }
+    times = interleaved_medians(passes, repeats=repeats)
     return {"width": width, "batch": batch, "gradient_s": times["gradient"], "factor_s": times["factor"]}
 
 
