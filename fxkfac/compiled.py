@@ -110,15 +110,19 @@ class CompiledModule(nn.Module):
 
         :meth:`print_summary` prints the same table with rich, plus the K-FAC settings.
         """
-        from fxkfac.inspect.report import LAYER_COLUMNS, factor_bytes, format_bytes, layer_rows
+        from fxkfac.inspect.report import (
+            LAYER_COLUMNS,
+            factor_bytes,
+            factor_entries,
+            format_bytes,
+            layer_rows,
+        )
 
         rows = [LAYER_COLUMNS, *layer_rows(self)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(LAYER_COLUMNS))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        total = sum(
-            layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2) for layer in self.layers
-        )
+        total = sum(factor_entries(layer) for layer in self.layers)
         memory = format_bytes(sum(factor_bytes(layer, self) for layer in self.layers))
         lines.append(f"{len(self.layers)} layers captured, {total:,} factor entries ({memory})")
         if self.uncaptured:

@@ -11,6 +11,7 @@ transposes (a view of a transposed matrix reorders its entries and is not looked
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -89,9 +90,7 @@ def _is_transpose(node: fx.Node) -> bool:
 
 def _viewed_shape(node: fx.Node, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """Shape of ``node``'s output, a view of a tensor of ``shape``; ``None`` if not static."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     args = list(node.args[1:])
     if node.target in ("flatten", torch.flatten, aten.flatten.using_ints):
         start = args[0] if args else node.kwargs.get("start_dim", 0)
@@ -99,18 +98,13 @@ def _viewed_shape(node: fx.Node, shape: tuple[int, ...]) -> tuple[int, ...] | No
         if not (isinstance(start, int) and isinstance(end, int)) or not shape:
             return None
         start, end = start % len(shape), end % len(shape)
-        merged = 1
-        for size in shape[start : end + 1]:
-            merged *= size
-        return (*shape[:start], merged, *shape[end + 1 :])
+        return (*shape[:start], math.prod(shape[start : end + 1]), *shape[end + 1 :])
     sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
     if not sizes:
         sizes = node.kwargs.get("shape", node.kwargs.get("size", ()))
     if not all(isinstance(size, int) for size in sizes) or list(sizes).count(-1) > 1:
         return None
-    known = 1
-    for size in sizes:
-        known *= size if size != -1 else 1
+    known = math.prod(size for size in sizes if size != -1)
     if known == 0 or (-1 not in sizes and known != numel) or numel % known:
         return None
     return tuple(numel // known if size == -1 else size for size in sizes)

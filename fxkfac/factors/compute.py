@@ -317,6 +317,7 @@ class GradFactorAccumulator:
     def add(self, grads_by_slot: dict[int, Tensor | None], num_vectors: int) -> None:
         """Add gradients ``[K, *z.shape]`` per tap slot (``None``: the output is unused)."""
         capture = self.capture
+        batch_size = capture_batch_size(capture) if self.approx is KFACApprox.REDUCE else None
         for index in layer_indices(capture):
             layer = capture.layers[index]
             rule = factor_rule(layer.kind)
@@ -328,7 +329,7 @@ class GradFactorAccumulator:
                     grads = x.new_zeros((num_vectors, *capture.output_shapes[slot]))
                 grads = grads.detach().to(_accumulation_dtype(grads.dtype))
                 if self.approx is KFACApprox.REDUCE:  # [K, N, m S, G, D]
-                    rows = per_datum_gradients(grads, layer, use, capture_batch_size(capture))
+                    rows = per_datum_gradients(grads, layer, use, batch_size)
                     self.data[index] = rows.shape[1]
                 else:  # [K, N m, S, G, D]
                     rows = rule.output_gradients(grads, layer)

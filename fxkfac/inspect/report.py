@@ -27,13 +27,17 @@ LAYER_COLUMNS = ("layer", "kind", "call", "weight", "A", "B", "groups", "uses", 
 """Columns of the layer table (plain :meth:`CompiledModule.summary` and the rich one)."""
 
 
+def factor_entries(layer: LayerInfo) -> int:
+    """Entries of one layer's full factors ``A`` and ``B`` (all groups)."""
+    return layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2)
+
+
 def factor_bytes(layer: LayerInfo, kmod: CompiledModule) -> int:
     """Bytes of one layer's full factors ``A`` and ``B``.
 
     At least float32: low-precision models accumulate their factors in float32.
     """
-    entries = layer.groups * (layer.input_factor_dim**2 + layer.output_factor_dim**2)
-    return entries * max(kmod.named_model_parameters()[layer.weight].element_size(), 4)
+    return factor_entries(layer) * max(kmod.named_model_parameters()[layer.weight].element_size(), 4)
 
 
 def layer_rows(kmod: CompiledModule) -> list[tuple[str, ...]]:
