@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 import fxkfac
-import fxkfac.optim.preconditioner as preconditioner_module
+import fxkfac.precond.preconditioner as preconditioner_module
 
 TARGET = 0.97
 HIDDEN = 64

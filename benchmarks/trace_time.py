@@ -25,9 +25,9 @@ import torch
 import torchvision
 
 import fxkfac
-from fxkfac.capture.rewrite import insert_captures
-from fxkfac.capture.tracer import trace_module
-from fxkfac.capture.verify import find_layers
+from fxkfac.passes.find_layers import find_layers
+from fxkfac.passes.rewrite import insert_captures
+from fxkfac.passes.trace import trace_module
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "trace_time.json"

@@ -5,15 +5,15 @@
 >>> factors = cap.factors(loss_func, y, fisher_type="type-2")   # {layer: (A, B)}
 """
 
-from fxkfac.capture.capture import Capture
-from fxkfac.capture.layer import ConvParams, LayerInfo
-from fxkfac.capture.patterns import register_function_matcher, register_module_matcher
-from fxkfac.compiled import CompiledModule
+from fxkfac.capture import Capture
+from fxkfac.compiled_module import CompiledModule
 from fxkfac.compiler import compile
 from fxkfac.errors import CaptureError, FxKfacError, InputMismatchError, TraceError, UnsupportedLossError
+from fxkfac.layers import ConvParams, LayerInfo
 from fxkfac.optim.kfac import KFAC
 from fxkfac.optim.ngdt import NGDT
-from fxkfac.optim.preconditioner import KFACPreconditioner
+from fxkfac.passes.matchers import register_function_matcher, register_module_matcher
+from fxkfac.precond.preconditioner import KFACPreconditioner
 
 __version__ = "0.1.0"
 

@@ -10,12 +10,12 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from fxkfac.capture.batch import probe_batch_axes, with_batch_axes
-from fxkfac.capture.rewrite import CAPTURE_MODULE, insert_captures
-from fxkfac.capture.tracer import trace_export, trace_function, trace_module
-from fxkfac.capture.verify import find_layers
-from fxkfac.compiled import CompiledModule, parameters_of
+from fxkfac.compiled_module import CompiledModule, parameters_of
 from fxkfac.errors import FxKfacError, TraceError
+from fxkfac.passes.find_layers import find_layers
+from fxkfac.passes.probe_batch import probe_batch_axes, with_batch_axes
+from fxkfac.passes.rewrite import CAPTURE_MODULE, insert_captures
+from fxkfac.passes.trace import trace_export, trace_function, trace_module
 
 TRACERS = ("auto", "fx", "export")
 
@@ -45,7 +45,7 @@ def compile(
             fails and example inputs are given. ``kmod.tracer`` says which one was used.
 
     With ``example_inputs`` the compiled module runs twice more (no gradients) to find
-    where the batch lies in every layer's input (:mod:`fxkfac.capture.batch`), which
+    where the batch lies in every layer's input (:mod:`fxkfac.passes.probe_batch`), which
     ``kfac_approx='reduce'`` needs for inputs like ``[S, N, E]`` or ``[N · windows, T, C]``.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Compute K-FAC factors ``{layer: (A, B)}`` from a :class:`~fxkfac.capture.capture.Capture`.
+"""Compute K-FAC factors ``{layer: (A, B)}`` from a :class:`~fxkfac.capture.Capture`.
 
 Convention (tutorial Definition 23; Eschenhagen et al., 2023 for weight sharing)::
 
@@ -7,7 +7,7 @@ Convention (tutorial Definition 23; Eschenhagen et al., 2023 for weight sharing)
 
 ``kron(B, A)`` approximates the curvature of ``rvec(W̃)``, ``W̃ = [W.reshape(D_out, -1) | b]``
 (``kron(A, B)`` that of ``cvec``). ``g`` are gradients of the backpropagated vectors
-(:mod:`fxkfac.curvature.losses`) with respect to the layer output; all vectors of a chunk go
+(:mod:`fxkfac.factors.losses`) with respect to the layer output; all vectors of a chunk go
 through one batched backward (``is_grads_batched``), never one backward per datum.
 
 Grouped convolutions give stacked factors ``A: [G, D_A, D_A]``, ``B: [G, D_B, D_B]``.
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fxkfac.capture.capture import Capture
-from fxkfac.curvature.losses import LossRule, loss_rule
+from fxkfac.capture import Capture
 from fxkfac.errors import CaptureError
-from fxkfac.factors.positions import per_datum_gradients, per_datum_inputs
-from fxkfac.factors.registry import factor_rule, gram, gram_with_ones
+from fxkfac.factors.datum_rows import per_datum_gradients, per_datum_inputs
+from fxkfac.factors.losses import LossRule, loss_rule
+from fxkfac.factors.rules import factor_rule, gram, gram_with_ones
 
 
 class FisherType(str, Enum):
@@ -187,7 +187,7 @@ def input_factors(
     """``A`` of every layer: ``[D_A, D_A]``, ``[G, D_A, D_A]`` with groups, ``[D_A]`` if diagonal.
 
     ``reduce`` groups each use's rows by datum with its ``BatchAxis`` (see
-    :mod:`fxkfac.factors.positions`); ``batch_size`` (default: the prediction's leading
+    :mod:`fxkfac.factors.datum_rows`); ``batch_size`` (default: the prediction's leading
     axis, as for ``B``) is only read for unknown layouts.
     """
     if batch_size is None:

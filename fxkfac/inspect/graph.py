@@ -15,10 +15,10 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxkfac.capture.capture import finish, tap
+from fxkfac.capture import finish, tap
 
 if TYPE_CHECKING:
-    from fxkfac.compiled import CompiledModule
+    from fxkfac.compiled_module import CompiledModule
 
 
 def _target_text(node: fx.Node) -> str:

@@ -35,12 +35,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from fxkfac.capture.capture import Capture
-from fxkfac.compiled import CompiledModule
+from fxkfac.capture import Capture
+from fxkfac.compiled_module import CompiledModule
 from fxkfac.errors import FxKfacError
-from fxkfac.optim.layout import from_matrix, to_matrix
 from fxkfac.optim.ngdt import NGDT
-from fxkfac.optim.preconditioner import KFACPreconditioner
+from fxkfac.precond.matrices import from_matrix, to_matrix
+from fxkfac.precond.preconditioner import KFACPreconditioner
 
 
 class KFAC(Optimizer):

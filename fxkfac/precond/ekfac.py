@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxkfac.capture.capture import Capture
+from fxkfac.capture import Capture
 from fxkfac.factors.compute import _accumulation_dtype, capture_batch_size, layer_indices
-from fxkfac.factors.positions import per_datum_gradients, per_datum_inputs
+from fxkfac.factors.datum_rows import per_datum_gradients, per_datum_inputs
 
 Basis = tuple[Tensor | None, Tensor | None]
 """``(Q_A [G, D_A, D_A] | None, Q_B [G, D_B, D_B] | None)``; ``None`` is the identity."""

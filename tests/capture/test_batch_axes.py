@@ -1,4 +1,4 @@
-"""Batch axes of layer inputs (:mod:`fxkfac.capture.batch`), run-time modules, functional_call."""
+"""Batch axes of layer inputs (:mod:`fxkfac.passes.probe_batch`), run-time modules, functional_call."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxkfac
-from fxkfac.capture.batch import choose_layout
-from fxkfac.capture.layer import BatchAxis
-from fxkfac.factors.positions import datum_major
+from fxkfac.factors.datum_rows import datum_major
+from fxkfac.layers import BatchAxis
+from fxkfac.passes.probe_batch import choose_layout
 
 
 @pytest.mark.parametrize(
@@ -149,7 +149,7 @@ class SequenceFirst(nn.Module):
 
 
 def test_probe_runs_on_a_slice_of_the_example_batch():
-    from fxkfac.capture.batch import PROBE_BATCH
+    from fxkfac.passes.probe_batch import PROBE_BATCH
 
     seen = []
     model = SequenceFirst().double()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import fxkfac
 from fxkfac import ConvParams, FxKfacError, TraceError
-from fxkfac.capture.capture import tap
+from fxkfac.capture import tap
 
 DTYPE = torch.float64
 

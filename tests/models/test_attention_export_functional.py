@@ -44,8 +44,8 @@ from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
 import fxkfac
-from fxkfac.capture import patterns
-from fxkfac.capture.layer import OpMatch
+from fxkfac.layers import OpMatch
+from fxkfac.passes import matchers as patterns
 
 DTYPE = torch.float64
 LOSS = nn.CrossEntropyLoss()

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import fxkfac
-from fxkfac.optim.preconditioner import KFACPreconditioner
+from fxkfac.precond.preconditioner import KFACPreconditioner
 
 N, S, E, C = 6, 5, 3, 2
 

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import fxkfac
-from fxkfac.optim.preconditioner import KFACPreconditioner
 from fxkfac.precond import ekfac as ekfac_module
 from fxkfac.precond.ekfac import corrected_eigenvalues
+from fxkfac.precond.preconditioner import KFACPreconditioner
 
 from .helpers import canonical, loss_gradient
 from .test_checkpoint import BASE, batches, checkpoint, make, train

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxkfac
-from fxkfac.optim.layout import from_matrix, to_matrix
+from fxkfac.precond.matrices import from_matrix, to_matrix
 
 from .helpers import train_step
 

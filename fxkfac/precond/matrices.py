@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxkfac.capture.layer import LayerInfo
+from fxkfac.layers import LayerInfo
 
 
 def to_matrix(layer: LayerInfo, weight: Tensor, bias: Tensor | None) -> Tensor:

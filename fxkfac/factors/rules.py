@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from fxkfac.capture.layer import LayerInfo, OpMatch
+from fxkfac.layers import LayerInfo, OpMatch
 
 
 class FactorRule(Protocol):

@@ -1,6 +1,6 @@
 """Rewrite pass: ``GraphModule -> GraphModule`` returning ``(outputs, capture)``.
 
-For every use of every matched layer it inserts a :func:`~fxkfac.capture.capture.tap` node
+For every use of every matched layer it inserts a :func:`~fxkfac.capture.tap` node
 after the op's output and routes the op's users through it; the graph's output becomes
 ``(outputs, capture)``. The pass lints the graph and recompiles; the original graph module
 is left untouched.
@@ -12,8 +12,8 @@ import copy
 
 import torch.fx as fx
 
-from fxkfac.capture.capture import CaptureFactory, finish, tap
-from fxkfac.capture.layer import LayerInfo
+from fxkfac.capture import CaptureFactory, finish, tap
+from fxkfac.layers import LayerInfo
 
 CAPTURE_MODULE = "fxkfac_capture"
 
@@ -23,7 +23,7 @@ def insert_captures(gm: fx.GraphModule, layers: list[LayerInfo]) -> fx.GraphModu
 
     Args:
         gm: traced graph module (not modified; parameters are shared, not copied).
-        layers: layers found by :func:`~fxkfac.capture.verify.find_layers` on ``gm``.
+        layers: layers found by :func:`~fxkfac.passes.find_layers.find_layers` on ``gm``.
     """
     graph = copy.deepcopy(gm.graph)
     node_by_name = {node.name: node for node in graph.nodes}

@@ -17,10 +17,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxkfac.capture.batch import batch_dependent_nodes, has_model_inputs
-from fxkfac.capture.layer import LayerInfo, OpMatch
-from fxkfac.capture.params import ParamLookup
-from fxkfac.capture.patterns import match_node
+from fxkfac.layers import LayerInfo, OpMatch
+from fxkfac.passes.matchers import match_node
+from fxkfac.passes.param_lookup import ParamLookup
+from fxkfac.passes.probe_batch import batch_dependent_nodes, has_model_inputs
 
 
 def _snake(name: str) -> str:
@@ -68,7 +68,7 @@ def _canonical_names(root: nn.Module) -> dict[str, str]:
 
 def parameter_sources(gm: fx.GraphModule, canonical: dict[str, str]) -> dict[fx.Node, str]:
     """Nodes that introduce parameters: ``get_attr`` of a parameter, functional placeholders."""
-    from fxkfac.capture.tracer import PARAM_PLACEHOLDER_META
+    from fxkfac.passes.trace import PARAM_PLACEHOLDER_META
 
     sources = {}
     for node in gm.graph.nodes:

@@ -3,7 +3,7 @@
 The rewritten graph calls :func:`tap` right after every matched op::
 
     linear = torch._C._nn.linear(x, fc1_weight, fc1_bias)
-    linear = fxkfac.capture.capture.tap(linear, x, capture, 0)
+    linear = fxkfac.capture.tap(linear, x, capture, 0)
 
 ``tap`` returns the op's output unchanged. It keeps the op's input (which autograd keeps
 alive anyway for the weight gradient) and the op output's *gradient edge*, so that gradients
@@ -23,7 +23,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from fxkfac.errors import CaptureError
 
 if TYPE_CHECKING:
-    from fxkfac.capture.layer import LayerInfo
+    from fxkfac.layers import LayerInfo
 
 
 class Capture:

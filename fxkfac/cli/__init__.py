@@ -74,7 +74,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     import fxkfac
     from fxkfac.inspect.graph import write_graph
-    from fxkfac.inspect.report import code_view, print_summary, rewrite_view
+    from fxkfac.inspect.summary import code_view, print_summary, rewrite_view
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     if args.graph and Path(args.graph).suffix not in (".graphml", ".dot", ".gv"):
@@ -98,7 +98,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train SGD, Adam, K-FAC and K-FAC + NGD-T on digits; write plots and JSON."""
-    from fxkfac.demo import run_demo
+    from fxkfac.cli.demo import run_demo
 
     run_demo(args.steps, args.seed, Path(args.out), batch_size=args.batch_size, methods=args.methods)
     return 0

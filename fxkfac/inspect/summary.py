@@ -10,8 +10,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from fxkfac.capture.layer import LayerInfo
-    from fxkfac.compiled import CompiledModule
+    from fxkfac.compiled_module import CompiledModule
+    from fxkfac.layers import LayerInfo
 
 
 def format_bytes(count: float) -> str:

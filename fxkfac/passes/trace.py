@@ -6,7 +6,7 @@
 * :func:`trace_function` — ``fn(params: dict[str, Tensor], *inputs)``; each parameter
   becomes a graph placeholder, so the graph is a pure function of parameters and inputs.
   ``torch.func.functional_call(module, params, inputs)`` inside ``fn`` is traced through
-  (:mod:`fxkfac.capture.functional_call`).
+  (:mod:`fxkfac.passes.functional_call`).
 
 A failed trace raises :class:`~fxkfac.errors.TraceError` naming the model line that failed
 and the ways out (leaf modules, concrete arguments).
@@ -25,9 +25,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxkfac.capture.decompositions import MODULE_DECOMPOSITIONS
-from fxkfac.capture.functional_call import proxy_functional_call
 from fxkfac.errors import TraceError
+from fxkfac.passes.decompositions import MODULE_DECOMPOSITIONS
+from fxkfac.passes.functional_call import proxy_functional_call
 
 PARAM_PLACEHOLDER_META = "fxkfac_param"
 """``node.meta`` key naming the parameter a functional model's placeholder carries."""

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fxkfac.capture.capture import Capture
-from fxkfac.compiled import CompiledModule
-from fxkfac.curvature.losses import loss_rule
+from fxkfac.capture import Capture
+from fxkfac.compiled_module import CompiledModule
 from fxkfac.errors import CaptureError, FxKfacError
 from fxkfac.factors.compute import (
     FisherType,
@@ -40,10 +39,11 @@ from fxkfac.factors.compute import (
     in_internal_backward,
     input_factors,
 )
-from fxkfac.optim.distributed import all_reduce_factors, spread, world_size
-from fxkfac.optim.layout import from_matrix, to_matrix
+from fxkfac.factors.losses import loss_rule
+from fxkfac.precond.distributed import all_reduce_factors, spread, world_size
 from fxkfac.precond.ekfac import Basis, EigenvalueCorrection
 from fxkfac.precond.inverse import KroneckerInverse
+from fxkfac.precond.matrices import from_matrix, to_matrix
 
 
 def _grouped(factor: Tensor, groups: int, diagonal: bool) -> Tensor:

@@ -2,7 +2,7 @@
 
 ``fn(params, x) = torch.func.functional_call(module, params, (x,))`` swaps the module's
 parameters for the entries of ``params`` while the module runs. Under
-:func:`~fxkfac.capture.tracer.trace_function` those entries are ``torch.fx`` proxies, which
+:func:`~fxkfac.passes.trace.trace_function` those entries are ``torch.fx`` proxies, which
 torch's swap rejects. :func:`proxy_functional_call` replaces the swap, for the duration of a
 trace, by one that accepts proxies: the module then computes with the parameter placeholders
 (``nn.Linear`` becomes ``F.linear(x, params['0.weight'], params['0.bias'])``), so its layers

@@ -11,9 +11,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from fxkfac.capture.capture import Capture
-from fxkfac.capture.layer import LayerInfo
+from fxkfac.capture import Capture
 from fxkfac.errors import InputMismatchError
+from fxkfac.layers import LayerInfo
 
 _DTYPE_OR_DEVICE_ERROR = re.compile(
     r"dtype|device|scalar type|type \(|Expected all tensors|should be the same", re.IGNORECASE
@@ -90,7 +90,7 @@ class CompiledModule(nn.Module):
 
     def print_summary(self, **settings: str) -> None:
         """Print rich tables of the layers and the uncaptured parameters."""
-        from fxkfac.inspect.report import print_summary
+        from fxkfac.inspect.summary import print_summary
 
         print_summary(self, **settings)
 
@@ -110,7 +110,7 @@ class CompiledModule(nn.Module):
 
         :meth:`print_summary` prints the same table with rich, plus the K-FAC settings.
         """
-        from fxkfac.inspect.report import (
+        from fxkfac.inspect.summary import (
             LAYER_COLUMNS,
             factor_bytes,
             factor_entries,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fxkfac.capture.layer import LayerInfo, OpMatch
-from fxkfac.factors.registry import register_factor_rule
+from fxkfac.factors.rules import register_factor_rule
+from fxkfac.layers import LayerInfo, OpMatch
 
 
 class LinearRule:

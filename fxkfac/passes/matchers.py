@@ -20,8 +20,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxkfac.capture.layer import ConvParams, OpMatch
-from fxkfac.capture.params import ADD_TARGETS, ParamLookup
+from fxkfac.layers import ConvParams, OpMatch
+from fxkfac.passes.param_lookup import ADD_TARGETS, ParamLookup
 
 ModuleMatcher = Callable[[fx.Node, nn.Module, ParamLookup], "OpMatch | None"]
 FunctionMatcher = Callable[[fx.Node, ParamLookup], "OpMatch | None"]

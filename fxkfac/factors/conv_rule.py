@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxkfac.capture.layer import ConvParams, LayerInfo, OpMatch
-from fxkfac.factors.registry import register_factor_rule
+from fxkfac.factors.rules import register_factor_rule
+from fxkfac.layers import ConvParams, LayerInfo, OpMatch
 
 
 def _pad_for_string(padding: str, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:

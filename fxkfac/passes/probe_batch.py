@@ -10,7 +10,7 @@ what every graph does: under ``torch.export`` ``nn.MultiheadAttention``'s ``in_p
 * :func:`batch_dependent_nodes` — statically, which graph nodes depend on a model input at
   all. A layer whose input does not (swin_v2's ``cpb_mlp`` maps a parameter table to an
   attention bias broadcast over the batch) has no per-datum inputs: it is not captured.
-* :func:`probe_batch_axes` — with example inputs, a :class:`~fxkfac.capture.layer.BatchAxis`
+* :func:`probe_batch_axes` — with example inputs, a :class:`~fxkfac.layers.BatchAxis`
   per use: the compiled module runs twice without gradients, the second time with datum 0
   of the inputs perturbed. Among the layouts the input shape allows (each axis but the
   feature axis, each split ``outer · N · inner`` of it), the one under which datum 0's
@@ -33,8 +33,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from fxkfac.capture.layer import BatchAxis, LayerInfo
-from fxkfac.capture.tracer import PARAM_PLACEHOLDER_META
+from fxkfac.layers import BatchAxis, LayerInfo
+from fxkfac.passes.trace import PARAM_PLACEHOLDER_META
 
 _DOMINANT = 2.0
 """How many times the change of any other datum datum 0's change must be, to trust a layout."""
@@ -241,7 +241,7 @@ def probe_batch_axes(
 def with_batch_axes(
     layers: Sequence[LayerInfo], layouts: Sequence[tuple[BatchAxis | None, ...]]
 ) -> list[LayerInfo]:
-    """``layers`` with each use's :attr:`~fxkfac.capture.layer.OpMatch.batch` set."""
+    """``layers`` with each use's :attr:`~fxkfac.layers.OpMatch.batch` set."""
     return [
         replace(
             layer, matches=tuple(replace(m, batch=b) for m, b in zip(layer.matches, per_use, strict=True))

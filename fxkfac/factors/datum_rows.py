@@ -3,7 +3,7 @@
 The factor rules read the leading axis of ``x`` (``[M, ..., D_in]``, ``[M, C_in, *S]``) as
 rows and the driver groups ``M = N · m`` rows into ``N`` data of ``m`` rows each. That needs
 the datum's rows to be contiguous and leading: :func:`datum_major` moves the batch axis of
-a use's :class:`~fxkfac.capture.layer.BatchAxis` to the front and reorders a batch merged
+a use's :class:`~fxkfac.layers.BatchAxis` to the front and reorders a batch merged
 behind another axis (``[S · N, E]``) to datum-major (``[N · S, E]``). ``expand`` sums over
 all rows and needs none of this.
 """
@@ -14,8 +14,8 @@ import warnings
 
 from torch import Tensor
 
-from fxkfac.capture.layer import BatchAxis, LayerInfo, OpMatch
-from fxkfac.factors.registry import factor_rule
+from fxkfac.factors.rules import factor_rule
+from fxkfac.layers import BatchAxis, LayerInfo, OpMatch
 
 
 def datum_major(values: Tensor, layout: BatchAxis | None, offset: int = 0) -> Tensor:

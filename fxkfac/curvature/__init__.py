@@ -1,1 +1,0 @@
-"""Losses, reduction factors and backpropagated vectors for each Fisher type."""
